@@ -1,0 +1,274 @@
+"""What every `configs/<dataset>.py` shares: the argument parser, the common fields, and `validate`.
+
+A config file builds `base_config(...)` with its data set's paper settings and applies the argument
+(`mode=...,perturb=...,smoke`). `validate(config)` runs before anything else does and raises a
+`ConfigError` naming the field, its value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from pivot_jax import perturb as perturb_lib
+
+MODES = ("clean", "perturbed", "mixed", "pivot")
+PERTURBS = {"noise": ("noise",), "lr": ("lr",), "mr": ("mr",), "lr+mr": ("lr", "mr")}
+AUGMENTS = ("none", "cifar", "imagenet")
+MEANS = ("none", "pixel", "channel")
+# Fields that do not change the experiment: a resumed run may differ in these.
+RUN_FIELDS = (
+    "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+    "allow_config_change", "evals", "data.data_dir", "data.manual_dir", "data.folder",
+    "data.num_threads", "data.prefetch", "data.eval_batch_size", "data.box_file",
+    "data.test_examples",
+)
+
+
+class ConfigError(ValueError):
+    """A config field has a value that is not allowed."""
+
+
+def parse_arg(arg: str | None, default_perturb: str = "noise") -> dict[str, str | bool]:
+    """`"mode=pivot,perturb=noise,smoke"` -> {"mode": "pivot", "perturb": "noise", "smoke": True}."""
+    parsed: dict[str, str | bool] = {"mode": "pivot", "perturb": default_perturb, "smoke": False}
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if key == "smoke" and not sep:
+            parsed["smoke"] = True
+        elif key in ("mode", "perturb") and sep:
+            parsed[key] = value
+        else:
+            raise ConfigError(
+                f"config argument: got {item!r}, expected mode=<{'|'.join(MODES)}>, "
+                f"perturb=<{'|'.join(PERTURBS)}> or smoke"
+            )
+    if parsed["mode"] not in MODES:
+        raise ConfigError(f"config argument mode: got {parsed['mode']!r}, expected one of {MODES}")
+    if parsed["perturb"] not in PERTURBS:
+        raise ConfigError(
+            f"config argument perturb: got {parsed['perturb']!r}, expected one of {tuple(PERTURBS)}"
+        )
+    return parsed
+
+
+def base_config(
+    arg: str | None, *, batch_size: int, k: int | None = None, default_perturb: str = "noise"
+) -> ml_collections.ConfigDict:
+    """The fields every data set has, with the training mode and perturbation from `arg`.
+
+    `k` is the number of perturbed rows in the `mixed` and `pivot` modes (default m / 2). In the
+    `perturbed` mode k follows `batch_size`, so overriding the batch size keeps every row perturbed.
+    """
+    args = parse_arg(arg, default_perturb)
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.num_train_steps = 9000
+    config.batch_size = batch_size  # m, the rows of one forward pass over all devices
+    config.log_every_steps = 100
+    config.eval_every_steps = 1000
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 2
+    config.allow_config_change = False
+    # A workdir (or checkpoint directory) whose latest parameters initialise a fresh run (fine-tuning).
+    config.init_from = ml_collections.FieldReference(None, field_type=str)
+    config.smoke = args["smoke"]
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = ""  # a TFDS name, or "folder" for root/<split>/<class>/*
+    config.data.data_dir = ml_collections.FieldReference(None, field_type=str)  # None: $TFDS_DATA_DIR
+    config.data.manual_dir = ml_collections.FieldReference(None, field_type=str)
+    config.data.folder = ml_collections.FieldReference(None, field_type=str)
+    config.data.train_split = "train"
+    config.data.test_split = "test"
+    config.data.num_classes = 10
+    config.data.image_size = 32
+    config.data.channels = 3
+    config.data.augment = "none"
+    config.data.mean = "none"
+    config.data.default_box_fraction = 0.5  # centred box for MR where the data has no boxes
+    config.data.box_file = ml_collections.FieldReference(None, field_type=str)
+    config.data.eval_batch_size = 512
+    config.data.test_examples = 0  # 0: the whole test split
+    config.data.num_threads = 2
+    config.data.prefetch = 4
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "resnet20"
+    config.model.dtype = "float32"
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.learning_rate = 0.1
+    config.optim.momentum = 0.9
+    config.optim.weight_decay = 1e-4  # coupled L2, kernels only
+    config.optim.lr_boundaries = (4 / 9, 6 / 9, 8 / 9)  # fractions of num_train_steps
+    config.optim.lr_decay = 0.1
+
+    mode = args["mode"]
+    config.loss = ml_collections.ConfigDict()
+    config.loss.mode = mode
+    config.loss.lam = 0.3
+    config.loss.lam2 = 1e-4 if mode == "pivot" else 0.0
+    config.loss.symmetric = False  # True: gradient of L_dist also reaches the clean logits
+    config.loss.paired = False  # mixed mode only: the pivot layout, with lam2 = 0
+
+    config.perturb = ml_collections.ConfigDict()
+    config.perturb.kinds = () if mode == "clean" else PERTURBS[args["perturb"]]
+    if mode == "clean":
+        config.perturb.k = 0
+    elif mode == "perturbed":
+        config.perturb.k = config.get_ref("batch_size")
+    else:
+        config.perturb.k = batch_size // 2 if k is None else k
+    config.perturb.max_sigma = 0.15
+    config.perturb.factors = (2, 4)
+    config.perturb.methods = perturb_lib.METHODS
+
+    config.evals = ("clean",)
+    return config
+
+
+def apply_smoke(config: ml_collections.ConfigDict) -> None:
+    """A seconds-long version of the experiment, for tests: tiny model, batch and schedule."""
+    config.model.name = "resnet8"
+    config.num_train_steps = 12
+    config.batch_size = 16
+    if config.loss.mode in ("mixed", "pivot"):
+        config.perturb.k = 8
+    config.log_every_steps = 4
+    config.eval_every_steps = 12
+    config.checkpoint_every_steps = 6
+    config.data.eval_batch_size = 128
+    config.data.test_examples = 256
+
+
+def host_batch_size(config: ml_collections.ConfigDict) -> int:
+    """Clean images the input pipeline feeds per step: m - k in the paired layout, else m."""
+    return config.batch_size - config.perturb.k if is_paired(config) else config.batch_size
+
+
+def is_paired(config: ml_collections.ConfigDict) -> bool:
+    """Whether the batch is Algorithm 1's layout, perturbed copies of the first k clean images."""
+    return config.loss.mode == "pivot" or (config.loss.mode == "mixed" and config.loss.paired)
+
+
+def perturb_spec(config: ml_collections.ConfigDict) -> perturb_lib.PerturbSpec:
+    """The training perturbation: k rows split as evenly as possible across the kinds, in order."""
+    kinds, k = tuple(config.perturb.kinds), config.perturb.k
+    counts = tuple(k // len(kinds) + (i < k % len(kinds)) for i in range(len(kinds))) if kinds else ()
+    return perturb_lib.PerturbSpec(
+        kinds=kinds,
+        counts=counts,
+        max_sigma=config.perturb.max_sigma,
+        factors=tuple(config.perturb.factors),
+        methods=tuple(config.perturb.methods),
+    )
+
+
+def eval_perturbations(config: ml_collections.ConfigDict) -> list[perturb_lib.EvalPerturbation]:
+    return [perturb_lib.EvalPerturbation.parse(name) for name in config.evals]
+
+
+def _require(ok: bool, field: str, value, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{field}: got {value!r}, expected {expected}")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Checks `config` before any data is read or any computation starts.
+
+    `num_devices`, when given, is the number of devices the batch is sharded over.
+    """
+    from pivot_jax import models  # the registry imports Flax; keep `configs/` import-light
+
+    c = config
+    _require(isinstance(c.seed, int) and c.seed >= 0, "seed", c.seed, "an int >= 0")
+    for field in ("num_train_steps", "batch_size", "log_every_steps", "eval_every_steps",
+                  "checkpoint_every_steps", "keep_checkpoints"):
+        _require(isinstance(c[field], int) and c[field] >= 1, field, c[field], "an int >= 1")
+
+    _require(bool(c.data.name), "data.name", c.data.name, "a TFDS data set name or 'folder'")
+    if c.data.name == "folder":
+        _require(bool(c.data.folder), "data.folder", c.data.folder,
+                 "the root of <root>/<split>/<class>/* when data.name is 'folder'")
+    _require(c.data.augment in AUGMENTS, "data.augment", c.data.augment, f"one of {AUGMENTS}")
+    _require(c.data.mean in MEANS, "data.mean", c.data.mean, f"one of {MEANS}")
+    _require(c.data.num_classes >= 2, "data.num_classes", c.data.num_classes, "an int >= 2")
+    _require(c.data.image_size >= 1, "data.image_size", c.data.image_size, "an int >= 1")
+    _require(c.data.channels in (1, 3), "data.channels", c.data.channels, "1 or 3")
+    _require(0.0 < c.data.default_box_fraction <= 1.0, "data.default_box_fraction",
+             c.data.default_box_fraction, "a fraction in (0, 1]")
+    _require(c.data.eval_batch_size >= 1, "data.eval_batch_size", c.data.eval_batch_size,
+             "an int >= 1")
+    _require(c.data.test_examples >= 0, "data.test_examples", c.data.test_examples,
+             "an int >= 0 (0: the whole split)")
+
+    _require(c.model.name in models.MODELS, "model.name", c.model.name, f"one of {models.MODELS}")
+    _require(c.model.dtype in models.DTYPES, "model.dtype", c.model.dtype,
+             f"one of {tuple(models.DTYPES)}")
+
+    _require(c.optim.learning_rate > 0, "optim.learning_rate", c.optim.learning_rate, "> 0")
+    _require(0 <= c.optim.momentum < 1, "optim.momentum", c.optim.momentum, "in [0, 1)")
+    _require(c.optim.weight_decay >= 0, "optim.weight_decay", c.optim.weight_decay, ">= 0")
+    bounds = tuple(c.optim.lr_boundaries)
+    _require(all(0 < b < 1 for b in bounds) and list(bounds) == sorted(set(bounds)),
+             "optim.lr_boundaries", bounds, "increasing fractions of num_train_steps in (0, 1)")
+
+    mode, m, k = c.loss.mode, c.batch_size, c.perturb.k
+    _require(mode in MODES, "loss.mode", mode, f"one of {MODES}")
+    _require(c.loss.lam >= 0, "loss.lam", c.loss.lam, ">= 0")
+    _require(c.loss.lam2 >= 0, "loss.lam2", c.loss.lam2, ">= 0")
+    kinds = tuple(c.perturb.kinds)
+    _require(all(kind in perturb_lib.KINDS for kind in kinds) and len(set(kinds)) == len(kinds),
+             "perturb.kinds", kinds, f"distinct kinds from {perturb_lib.KINDS}")
+    if mode == "clean":
+        _require(k == 0, "perturb.k", k, "0 in mode 'clean'")
+    else:
+        _require(bool(kinds), "perturb.kinds", kinds, f"at least one kind in mode {mode!r}")
+        if mode == "perturbed":
+            _require(k == m, "perturb.k", k, f"batch_size ({m}) in mode 'perturbed'")
+        else:
+            _require(len(kinds) <= k <= m // 2, "perturb.k", k,
+                     f"between {len(kinds)} (one row per kind) and batch_size / 2 = {m // 2}")
+    if mode == "pivot" or c.loss.paired:
+        _require(mode in ("pivot", "mixed"), "loss.paired", c.loss.paired,
+                 "False outside the modes 'mixed' and 'pivot'")
+    if mode != "pivot":
+        _require(c.loss.lam2 == 0, "loss.lam2", c.loss.lam2, f"0 in mode {mode!r} (no pivot term)")
+    _require(c.perturb.max_sigma >= 0, "perturb.max_sigma", c.perturb.max_sigma, ">= 0")
+    _require(len(c.perturb.factors) > 0 and all(isinstance(f, int) and f >= 1 for f in c.perturb.factors),
+             "perturb.factors", tuple(c.perturb.factors), "ints >= 1")
+    _require(len(c.perturb.methods) > 0 and all(x in perturb_lib.METHODS for x in c.perturb.methods),
+             "perturb.methods", tuple(c.perturb.methods), f"some of {perturb_lib.METHODS}")
+    if "mr" in kinds or any(name.startswith("mr") for name in c.evals):
+        _require(c.data.image_size >= 2, "data.image_size", c.data.image_size, ">= 2 for MR")
+
+    _require(len(c.evals) > 0, "evals", tuple(c.evals), "at least one evaluation")
+    try:
+        eval_perturbations(c)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+    if num_devices is not None:
+        host_batch = host_batch_size(c)
+        for field, value in (("batch_size", m), ("data.eval_batch_size", c.data.eval_batch_size)):
+            _require(value % num_devices == 0, field, value, f"a multiple of the {num_devices} devices")
+        _require(host_batch % num_devices == 0, "perturb.k", k,
+                 f"a value for which batch_size - k = {host_batch} clean images per step divide "
+                 f"evenly over the {num_devices} devices")
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """`"configs/mnist.py:mode=pivot,smoke"` -> that file's `get_config("mode=pivot,smoke")`.
+
+    The same as `--config=` on the command line, for tests, notebooks and scripts.
+    """
+    import importlib.util
+    import pathlib
+
+    path, _, arg = spec.partition(":")
+    if not pathlib.Path(path).is_file():
+        raise ConfigError(f"config file: {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem + "_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)

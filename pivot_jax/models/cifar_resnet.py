@@ -1,0 +1,61 @@
+"""CIFAR ResNets (He et al. 2016, section 4.2 and Table 6): depth 6n + 2, three stages of 16, 32 and
+64 channels, and the parameter-free option-A shortcut as the method's released code implements it
+(2x2 average pooling and zero channel padding)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+DEPTHS = (8, 20, 32, 44, 56, 110)  # 8: the smoke configs' tiny model
+
+
+class BasicBlock(nn.Module):
+    channels: int
+    strides: int
+    conv: Any
+    norm: Any
+
+    @nn.compact
+    def __call__(self, x):
+        y = self.conv(self.channels, (3, 3), (self.strides, self.strides))(x)
+        y = nn.relu(self.norm()(y))
+        y = self.conv(self.channels, (3, 3))(y)
+        y = self.norm()(y)
+        shortcut = x
+        if self.strides != 1:
+            shortcut = nn.avg_pool(shortcut, (self.strides, self.strides), (self.strides, self.strides))
+        extra = self.channels - x.shape[-1]
+        if extra:
+            shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (0, extra)))
+        return nn.relu(y + shortcut)
+
+
+class CifarResNet(nn.Module):
+    depth: int
+    num_classes: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if (self.depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n + 2, got {self.depth}")
+        blocks_per_stage = (self.depth - 2) // 6
+        # He et al.'s initialisation for the ReLU network's convolutions.
+        conv = functools.partial(
+            nn.Conv, use_bias=False, padding="SAME", dtype=self.dtype, kernel_init=nn.initializers.he_normal()
+        )
+        norm = functools.partial(
+            nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype
+        )
+        x = x.astype(self.dtype)
+        x = nn.relu(norm()(conv(16, (3, 3))(x)))
+        for stage, channels in enumerate((16, 32, 64)):
+            for block in range(blocks_per_stage):
+                strides = 2 if stage > 0 and block == 0 else 1
+                x = BasicBlock(channels, strides, conv, norm)(x)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)

@@ -1,0 +1,97 @@
+"""Every config, in every mode x perturbation, builds and validates; bad ones name the field."""
+
+import pytest
+
+from pivot_jax import config_lib
+
+DATASETS = ("mnist", "cifar10", "imagenet")
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("mode", config_lib.MODES)
+@pytest.mark.parametrize("perturb", tuple(config_lib.PERTURBS))
+@pytest.mark.parametrize("smoke", [False, True])
+def test_every_config_validates(config_path, dataset, mode, perturb, smoke):
+    arg = f"mode={mode},perturb={perturb}" + (",smoke" if smoke else "")
+    config = config_lib.load_config(f"{config_path(dataset)}:{arg}")
+    config_lib.validate(config, num_devices=8)
+    spec = config_lib.perturb_spec(config)
+    assert config.loss.mode == mode
+    if mode == "clean":
+        assert spec.k == 0 and config.loss.lam2 == 0
+    else:
+        assert spec.kinds == config_lib.PERTURBS[perturb]
+        assert spec.k == config.perturb.k
+    if mode == "perturbed":
+        assert spec.k == config.batch_size
+    if mode == "pivot":
+        assert config.loss.lam2 == 1e-4 and config_lib.is_paired(config)
+        assert config_lib.host_batch_size(config) == config.batch_size - config.perturb.k
+
+
+def test_paper_defaults(config_path):
+    mnist = config_lib.load_config(config_path("mnist"))
+    assert (mnist.batch_size, mnist.perturb.k, mnist.loss.lam, mnist.loss.lam2) == (128, 64, 0.3, 1e-4)
+    assert mnist.num_train_steps == 9000
+    assert [round(b * 9000) for b in mnist.optim.lr_boundaries] == [4000, 6000, 8000]
+    cifar = config_lib.load_config(config_path("cifar10"))
+    assert [round(b * 94000) for b in cifar.optim.lr_boundaries] == [48000, 72000]
+    imagenet = config_lib.load_config(config_path("imagenet") + ":mode=pivot")
+    assert config_lib.perturb_spec(imagenet).counts == (16, 16)
+    assert imagenet.batch_size == 64 and imagenet.perturb.kinds == ("lr", "mr")
+
+
+def test_perturbed_k_follows_batch_size_override(config_path):
+    config = config_lib.load_config(config_path("cifar10") + ":mode=perturbed,perturb=lr")
+    config.batch_size = 48
+    config_lib.validate(config)
+    assert config.perturb.k == 48
+
+
+def _bad(config_path, change, dataset="mnist", arg="mode=pivot", devices=None):
+    config = config_lib.load_config(f"{config_path(dataset)}:{arg}")
+    change(config)
+    with pytest.raises(config_lib.ConfigError) as error:
+        config_lib.validate(config, num_devices=devices)
+    return str(error.value)
+
+
+@pytest.mark.parametrize(
+    "field,change,expected",
+    [
+        ("perturb.k", lambda c: setattr(c.perturb, "k", 65), "between 1"),
+        ("loss.mode", lambda c: setattr(c.loss, "mode", "adversarial"), "one of"),
+        ("perturb.kinds", lambda c: setattr(c.perturb, "kinds", ("blur",)), "distinct kinds"),
+        ("perturb.max_sigma", lambda c: setattr(c.perturb, "max_sigma", -0.1), ">= 0"),
+        ("perturb.factors", lambda c: setattr(c.perturb, "factors", (0, 2)), "ints >= 1"),
+        ("perturb.methods", lambda c: setattr(c.perturb, "methods", ("bilinear",)), "some of"),
+        ("model.name", lambda c: setattr(c.model, "name", "vgg"), "one of"),
+        ("data.name", lambda c: setattr(c.data, "name", ""), "TFDS"),
+        ("data.augment", lambda c: setattr(c.data, "augment", "autoaugment"), "one of"),
+        ("optim.lr_boundaries", lambda c: setattr(c.optim, "lr_boundaries", (0.8, 0.4)), "increasing"),
+        ("evals", lambda c: setattr(c, "evals", ("clean", "noise")), "noise_<sigma>"),
+        ("num_train_steps", lambda c: setattr(c, "num_train_steps", 0), ">= 1"),
+    ],
+)
+def test_bad_config_names_field(config_path, field, change, expected):
+    message = _bad(config_path, change)
+    assert f"config.{field}" in message and expected in message
+
+
+def test_batch_must_divide_over_devices(config_path):
+    message = _bad(config_path, lambda c: setattr(c, "batch_size", 100), arg="mode=clean", devices=8)
+    assert "config.batch_size" in message and "8 devices" in message
+
+
+def test_lam2_outside_pivot_is_rejected(config_path):
+    message = _bad(config_path, lambda c: setattr(c.loss, "lam2", 1e-4), arg="mode=mixed")
+    assert "config.loss.lam2" in message
+
+
+def test_bad_config_argument(config_path):
+    with pytest.raises(config_lib.ConfigError, match="mode"):
+        config_lib.load_config(config_path("mnist") + ":mode=adversarial")
+    with pytest.raises(config_lib.ConfigError, match="perturb"):
+        config_lib.load_config(config_path("mnist") + ":perturb=blur")
+    with pytest.raises(config_lib.ConfigError, match="expected mode="):
+        config_lib.load_config(config_path("mnist") + ":fast")
