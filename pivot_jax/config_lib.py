@@ -19,7 +19,7 @@ MEANS = ("none", "pixel", "channel")
 RUN_FIELDS = (
     "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
     "allow_config_change", "evals", "data.data_dir", "data.manual_dir", "data.folder",
-    "data.num_threads", "data.prefetch", "data.eval_batch_size", "data.box_file",
+    "data.num_threads", "data.prefetch", "data.download", "data.eval_batch_size", "data.box_file",
     "data.test_examples",
 )
 
@@ -77,6 +77,7 @@ def base_config(
     config.data.name = ""  # a TFDS name, or "folder" for root/<split>/<class>/*
     config.data.data_dir = ml_collections.FieldReference(None, field_type=str)  # None: $TFDS_DATA_DIR
     config.data.manual_dir = ml_collections.FieldReference(None, field_type=str)
+    config.data.download = True  # let TFDS download a data set that is not prepared yet
     config.data.folder = ml_collections.FieldReference(None, field_type=str)
     config.data.train_split = "train"
     config.data.test_split = "test"
@@ -85,6 +86,7 @@ def base_config(
     config.data.channels = 3
     config.data.augment = "none"
     config.data.mean = "none"
+    config.data.mean_examples = 0  # training examples the mean is computed from; 0: all
     config.data.default_box_fraction = 0.5  # centred box for MR where the data has no boxes
     config.data.box_file = ml_collections.FieldReference(None, field_type=str)
     config.data.eval_batch_size = 512

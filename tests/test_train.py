@@ -1,0 +1,214 @@
+"""The training loop end to end on the real MNIST: smoke, accuracy, exact resume, devices, errors."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import CONFIGS, REPO, run_train
+from pivot_jax import checkpoint, config_lib, input_pipeline, train
+
+EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+
+def saved_params(workdir):
+    step, state = checkpoint.saved_state(workdir)
+    return step, jax.tree.map(np.asarray, state["params"])
+
+
+def logged_scalars(workdir, tag):
+    """{step: value} of a scalar the run wrote to its TensorBoard events."""
+    import tensorflow as tf
+
+    values = {}
+    for path in pathlib.Path(workdir).glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.tag == tag:
+                    values[event.step] = float(tf.make_ndarray(value.tensor))
+    return values
+
+
+def test_smoke_trains_end_to_end(mnist_config, tmp_path):
+    config = mnist_config("mode=pivot,perturb=noise,smoke")
+    start = time.time()
+    accuracy = train.train_and_evaluate(config, str(tmp_path))
+    assert time.time() - start < 60
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["step"] == config.num_train_steps
+    assert set(results["accuracy"]) == set(config.evals) == set(accuracy)
+    assert all(n == config.data.test_examples for n in results["num_examples"].values())
+    assert all(0.0 <= a <= 1.0 for a in accuracy.values())
+    assert checkpoint.manager(tmp_path, read_only=True).all_steps() == [6, 12]  # every 6, keep 2
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["loss"]["mode"] == "pivot" and saved["perturb"]["k"] == 8
+    for tag in ("l_org", "l_perturb", "l_dist", "loss", "accuracy_clean", "accuracy_perturbed", "learning_rate"):
+        # every 4 steps, and at each checkpoint (every 6), where pending metrics are checked first
+        assert sorted(logged_scalars(tmp_path, f"train/{tag}")) == [4, 6, 8, 12], tag
+    assert set(logged_scalars(tmp_path, "eval/noise_0.15")) == {12}
+    assert logged_scalars(tmp_path, "train/learning_rate")[4] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("mode,perturb", [("clean", "noise"), ("perturbed", "lr"), ("mixed", "mr"),
+                                          ("pivot", "lr+mr")])
+def test_every_mode_trains(mnist_config, tmp_path, mode, perturb):
+    config = mnist_config(f"mode={mode},perturb={perturb},smoke")
+    config.num_train_steps = config.checkpoint_every_steps = config.eval_every_steps = 4
+    train.train_and_evaluate(config, str(tmp_path))
+    has_clean, has_perturbed = logged_scalars(tmp_path, "train/accuracy_clean"), logged_scalars(
+        tmp_path, "train/accuracy_perturbed")
+    assert bool(has_clean) == (mode != "perturbed")
+    assert bool(has_perturbed) == (mode != "clean")
+    assert bool(logged_scalars(tmp_path, "train/l_dist")) == (mode == "pivot")
+
+
+@pytest.mark.slow
+def test_short_pivot_run_is_accurate_and_robust(mnist_config, tmp_path):
+    """A few hundred steps of the paper's MNIST pivot setting, with its schedule shape."""
+    config = mnist_config("mode=pivot,perturb=noise")
+    config.num_train_steps = 400
+    config.eval_every_steps = config.checkpoint_every_steps = 400
+    accuracy = train.train_and_evaluate(config, str(tmp_path))
+    assert accuracy["clean"] >= 0.97, accuracy
+    assert accuracy["noise_0.15"] >= 0.90, accuracy
+
+
+def _resume_args(workdir, mnist_data_dir):
+    return [f"--config={CONFIGS / 'mnist.py'}:mode=pivot,perturb=noise,smoke", f"--workdir={workdir}",
+            "--config.num_train_steps=30", "--config.checkpoint_every_steps=5", "--config.log_every_steps=5",
+            "--config.eval_every_steps=30", f"--config.data.data_dir={mnist_data_dir}"]
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(mnist_data_dir, tmp_path):
+    """Bit-exact: the resumed run restores the state, the data position and the step, and runs the
+    same compiled step on the same inputs, and XLA on the CPU is deterministic for a fixed program."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    done = run_train(_resume_args(whole, mnist_data_dir), ONE_DEVICE, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    env = {**os.environ, **ONE_DEVICE}
+    process = subprocess.Popen([sys.executable, "-m", "pivot_jax.train", *_resume_args(killed, mnist_data_dir)],
+                               env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "checkpoints" / "15").is_dir() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    interrupted_at = checkpoint.manager(killed, read_only=True).latest_step()
+    assert interrupted_at is not None and 15 <= interrupted_at < 30
+
+    resumed = run_train(_resume_args(killed, mnist_data_dir), ONE_DEVICE, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resumed from step {interrupted_at}" in resumed.stderr
+    step_a, params_a = saved_params(whole)
+    step_b, params_b = saved_params(killed)
+    assert step_a == step_b == 30
+    jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+    assert json.loads((whole / "eval/results.json").read_text()) == json.loads((killed / "eval/results.json").read_text())
+
+
+def test_eight_devices_match_one(mnist_data_dir, tmp_path):
+    """Same global batch on 1 and on 8 fake devices: only the order of float reductions differs."""
+    args = [f"--config={CONFIGS / 'mnist.py'}:mode=pivot,perturb=lr+mr,smoke",
+            "--config.log_every_steps=1", f"--config.data.data_dir={mnist_data_dir}"]
+    runs = {}
+    for name, env in (("one", ONE_DEVICE), ("eight", EIGHT_DEVICES)):
+        result = run_train([*args, f"--workdir={tmp_path / name}"], env, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"on {1 if name == 'one' else 8} devices" in result.stderr
+        runs[name] = logged_scalars(tmp_path / name, "train/loss")
+    assert sorted(runs["one"]) == list(range(1, 13))
+    np.testing.assert_allclose([runs["eight"][s] for s in range(1, 13)],
+                               [runs["one"][s] for s in range(1, 13)], rtol=2e-4)
+    (_, one), (_, eight) = saved_params(tmp_path / "one"), saved_params(tmp_path / "eight")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-3), one, eight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error before compute, nothing the user had overwritten.
+
+
+def test_unknown_data_set(mnist_config, tmp_path):
+    config = mnist_config()
+    config.data.name = "no_such_data_set"
+    with pytest.raises(input_pipeline.DataError, match="config.data.name: 'no_such_data_set'"):
+        train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_data_not_prepared_says_how_to_prepare_offline(mnist_config, tmp_path):
+    config = mnist_config()
+    config.data.data_dir = str(tmp_path / "empty")
+    with pytest.raises(input_pipeline.DataError) as error:
+        train.train_and_evaluate(config, str(tmp_path / "work"))
+    message = str(error.value)
+    assert "not prepared" in message and str(tmp_path / "empty" / "downloads" / "manual") in message
+
+
+def test_no_network_is_detected_quickly():
+    start = time.time()
+    assert not input_pipeline.network_reachable("127.0.0.1", 9, timeout=5)  # nothing listens on port 9
+    assert time.time() - start < 5
+
+
+def test_unwritable_workdir(mnist_config, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep me")
+    with pytest.raises(train.TrainingError, match="workdir: cannot write"):
+        train.train_and_evaluate(mnist_config(), str(blocker / "run"))
+    assert blocker.read_text() == "keep me"
+
+
+def test_cli_reports_errors_without_traceback(mnist_data_dir, tmp_path):
+    result = run_train([f"--config={CONFIGS / 'mnist.py'}:smoke", f"--workdir={tmp_path}",
+                        "--config.data.name=no_such_data_set", f"--config.data.data_dir={mnist_data_dir}"],
+                       timeout=120)
+    assert result.returncode == 1
+    assert "error: config.data.name: 'no_such_data_set'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_incompatible_resume_is_refused_and_nothing_is_overwritten(mnist_config, tmp_path):
+    train.train_and_evaluate(mnist_config(), str(tmp_path))
+    saved_config = (tmp_path / "config.json").read_text()
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").iterdir()}
+
+    changed = mnist_config()
+    changed.loss.lam = 0.5
+    changed.num_train_steps = 24
+    with pytest.raises(train.TrainingError) as error:
+        train.train_and_evaluate(changed, str(tmp_path))
+    assert "loss.lam: 0.3 -> 0.5" in str(error.value) and "num_train_steps" in str(error.value)
+    assert "allow_config_change" in str(error.value)
+    assert (tmp_path / "config.json").read_text() == saved_config
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").iterdir()} == before
+
+    # Fields that do not change the experiment may differ.
+    harmless = mnist_config()
+    harmless.log_every_steps = 3
+    harmless.data.eval_batch_size = 64
+    train.check_workdir(pathlib.Path(tmp_path), harmless)
+
+
+def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(mnist_config, tmp_path):
+    train.train_and_evaluate(mnist_config(), str(tmp_path))
+    good_step, good_params = saved_params(tmp_path)
+
+    diverging = mnist_config()
+    diverging.num_train_steps = 24
+    diverging.optim.learning_rate = 1e30
+    diverging.allow_config_change = True
+    with pytest.raises(train.TrainingError, match="non-finite loss"):
+        train.train_and_evaluate(diverging, str(tmp_path))
+    step, params = saved_params(tmp_path)
+    assert step == good_step == 12
+    jax.tree.map(np.testing.assert_array_equal, params, good_params)
+    assert (tmp_path / "config.before_step_12.json").exists()  # the run's earlier config is kept
