@@ -70,6 +70,20 @@ def test_every_mode_trains(mnist_config, tmp_path, mode, perturb):
     assert bool(logged_scalars(tmp_path, "train/l_dist")) == (mode == "pivot")
 
 
+def test_cifar10_jpeg_folder_smoke(cifar_folder, config_path, tmp_path):
+    """configs/cifar10.py on the CIFAR-10 JPEG copy as an image folder: pad-crop-flip, pixel mean."""
+    config = config_lib.load_config(config_path("cifar10") + ":mode=pivot,perturb=lr+mr,smoke")
+    config.data.name, config.data.folder = "folder", cifar_folder
+    config.num_train_steps = config.checkpoint_every_steps = config.eval_every_steps = 4
+    accuracy = train.train_and_evaluate(config, str(tmp_path))
+    assert set(accuracy) == set(config.evals)
+    _, state = checkpoint.saved_state(tmp_path)
+    mean = np.asarray(state["input_mean"])
+    assert mean.shape == (32, 32, 3)
+    # CIFAR-10's well-known channel means (0.491, 0.482, 0.447); this JPEG copy is within 0.01.
+    np.testing.assert_allclose(mean.mean((0, 1)), [0.491, 0.482, 0.447], atol=0.01)
+
+
 @pytest.mark.slow
 def test_short_pivot_run_is_accurate_and_robust(mnist_config, tmp_path):
     """A few hundred steps of the paper's MNIST pivot setting, with its schedule shape."""
