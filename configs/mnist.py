@@ -21,6 +21,7 @@ def get_config(arg=None):
     config.num_train_steps = 9000  # lr / 10 at 4k, 6k, 8k
     config.optim.lr_boundaries = (4 / 9, 6 / 9, 8 / 9)
 
+    config.dataset = "mnist"
     config.data.name = "mnist"
     config.data.num_classes = 10
     config.data.image_size = 28

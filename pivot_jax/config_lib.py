@@ -18,7 +18,7 @@ MEANS = ("none", "pixel", "channel")
 # Fields that do not change the experiment: a resumed run may differ in these.
 RUN_FIELDS = (
     "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-    "allow_config_change", "evals", "data.data_dir", "data.manual_dir", "data.folder",
+    "allow_config_change", "evals", "sweep_evals", "data.data_dir", "data.manual_dir", "data.folder",
     "data.num_threads", "data.prefetch", "data.download", "data.eval_batch_size", "data.box_file",
     "data.test_examples",
 )
@@ -61,6 +61,7 @@ def base_config(
     """
     args = parse_arg(arg, default_perturb)
     config = ml_collections.ConfigDict()
+    config.dataset = ""  # the paper's data set this experiment is about: mnist, cifar10 or imagenet
     config.seed = 0
     config.num_train_steps = 9000
     config.batch_size = batch_size  # m, the rows of one forward pass over all devices
@@ -125,7 +126,12 @@ def base_config(
     config.perturb.factors = (2, 4)
     config.perturb.methods = perturb_lib.METHODS
 
-    config.evals = ("clean",)
+    config.evals = ("clean",)  # evaluated periodically in training and by `pivot_jax.evaluate`
+    # Severity sweeps, evaluated by `pivot_jax.evaluate` (not during training).
+    config.sweep_evals = (
+        *(f"noise_{sigma:g}" for sigma in (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)),
+        *(f"lr{factor}_{method}" for factor in (2, 4, 8) for method in perturb_lib.METHODS),
+    )
     return config
 
 
@@ -166,8 +172,12 @@ def perturb_spec(config: ml_collections.ConfigDict) -> perturb_lib.PerturbSpec:
     )
 
 
-def eval_perturbations(config: ml_collections.ConfigDict) -> list[perturb_lib.EvalPerturbation]:
-    return [perturb_lib.EvalPerturbation.parse(name) for name in config.evals]
+def eval_perturbations(config: ml_collections.ConfigDict, sweeps: bool = False) -> list[perturb_lib.EvalPerturbation]:
+    """The configured test conditions, in order; with `sweeps`, followed by the sweeps' other ones."""
+    names = list(config.evals)
+    if sweeps:
+        names += [name for name in config.sweep_evals if name not in names]
+    return [perturb_lib.EvalPerturbation.parse(name) for name in names]
 
 
 def _require(ok: bool, field: str, value, expected: str) -> None:
@@ -246,7 +256,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
 
     _require(len(c.evals) > 0, "evals", tuple(c.evals), "at least one evaluation")
     try:
-        eval_perturbations(c)
+        eval_perturbations(c, sweeps=True)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 

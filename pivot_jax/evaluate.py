@@ -10,12 +10,15 @@ not depend on the batch size or the number of devices or processes.
 from __future__ import annotations
 
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import app, flags
 from etils import epath
+from ml_collections import config_flags
 
 from pivot_jax import config_lib, input_pipeline, sharding
 from pivot_jax import perturb as perturb_lib
@@ -26,9 +29,10 @@ EVAL_SEED = 2018  # fixed: two evaluations of one model give the same numbers
 class Evaluator:
     """Accuracy of a model under every evaluation in `config.evals`."""
 
-    def __init__(self, config: ml_collections.ConfigDict, split: input_pipeline.Split, model, mesh):
+    def __init__(self, config: ml_collections.ConfigDict, split: input_pipeline.Split, model, mesh,
+                 sweeps: bool = False):
         self.config, self.split, self.mesh = config, split, mesh
-        self.perturbations = config_lib.eval_perturbations(config)
+        self.perturbations = config_lib.eval_perturbations(config, sweeps=sweeps)
         self.names = [p.name for p in self.perturbations]
         base_key = jax.random.key(EVAL_SEED)
 
@@ -76,9 +80,9 @@ def markdown_table(accuracy: dict[str, float]) -> str:
     ])
 
 
-def write_results(workdir, step: int, accuracy: dict[str, float], num_examples: int, box_source: str) -> str:
-    """Writes `<workdir>/eval/results.json` (DESIGN section 3) and `results.md`; returns the table."""
-    eval_dir = epath.Path(workdir) / "eval"
+def write_results(eval_dir, step: int, accuracy: dict[str, float], num_examples: int, box_source: str) -> str:
+    """Writes `<eval_dir>/results.json` (DESIGN section 3) and `results.md`; returns the table."""
+    eval_dir = epath.Path(eval_dir)
     eval_dir.mkdir(parents=True, exist_ok=True)
     results = {
         "step": int(step),
@@ -92,3 +96,94 @@ def write_results(workdir, step: int, accuracy: dict[str, float], num_examples: 
         f"Test accuracy (%) at step {step} on {num_examples} examples; MR boxes: {box_source}.\n\n{table}\n"
     )
     return table
+
+
+def plot_sweeps(curves: dict[str, dict[str, float]], path) -> None:
+    """Accuracy against sigma, and against the LR factor (one line per up-sampling method), for
+    each run in `curves` ({run label: {eval name: accuracy}}); one PNG with two panels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (noise_axis, lr_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (label, accuracy) in enumerate(curves.items()):
+        colour = colours[index % len(colours)]
+        parsed = [(perturb_lib.EvalPerturbation.parse(name), value) for name, value in accuracy.items()]
+        noise = sorted((p.sigma, v) for p, v in parsed if p.kind == "noise")
+        clean = accuracy.get("clean")
+        if clean is not None and not any(s == 0 for s, _ in noise):
+            noise = [(0.0, clean)] + noise
+        if noise:
+            noise_axis.plot(*zip(*[(s, 100 * v) for s, v in noise]), "o-", color=colour, label=label)
+        for method, style in (("nearest", "o-"), ("bicubic", "s--")):
+            points = sorted((p.factor, v) for p, v in parsed if p.kind == "lr" and p.method == method)
+            if clean is not None and points:
+                points = [(1, clean)] + points
+            if points:
+                lr_axis.plot(*zip(*[(f, 100 * v) for f, v in points]), style, color=colour,
+                             label=f"{label}, {method}")
+    noise_axis.set(xlabel="Gaussian noise sigma", ylabel="test accuracy (%)", title="Noise", ylim=(0, 100))
+    lr_axis.set(xlabel="low-resolution factor", ylabel="test accuracy (%)", title="Low resolution", ylim=(0, 100))
+    lr_axis.set_xscale("log", base=2)
+    lr_axis.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
+    lr_axis.minorticks_off()
+    for axis in (noise_axis, lr_axis):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
+    """Restores `workdir`'s checkpoint (latest, or `step`) on the devices present and evaluates every
+    configured test condition and sweep; writes the report into `<workdir>/eval/` (or, for an
+    earlier step, `<workdir>/eval/step_<step>/`) and returns the results."""
+    import jax.numpy as jnp
+
+    from pivot_jax import checkpoint, models
+
+    mesh = sharding.make_mesh()
+    config_lib.validate(config, num_devices=mesh.size)
+    latest = checkpoint.manager(workdir, read_only=True).latest_step()
+    if latest is None:
+        raise checkpoint.CheckpointError(f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}: nothing to evaluate")
+    test_split = input_pipeline.open_split(config.data, config.data.test_split, use_box_file=True)
+    model = models.get_model(config.model.name, num_classes=config.data.num_classes, dtype=config.model.dtype)
+    size, channels = config.data.image_size, config.data.channels
+    mean_shape = (size, size, channels) if config.data.mean == "pixel" else (channels,)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, channels))))
+    template = {"params": variables["params"], "batch_stats": variables["batch_stats"],
+                "input_mean": jax.ShapeDtypeStruct(mean_shape, jnp.float32)}
+    model_state, step = checkpoint.restore_model(workdir, template, sharding.replicated(mesh), step)
+
+    evaluator = Evaluator(config, test_split, model, mesh, sweeps=True)
+    accuracy, num_examples = evaluator(model_state)
+    out_dir = epath.Path(workdir) / "eval" / ("" if step == latest else f"step_{step}")
+    if jax.process_index() == 0:
+        write_results(out_dir, step, accuracy, num_examples, test_split.box_source)
+        plot_sweeps({f"step {step}": accuracy}, out_dir / "sweeps.png")
+    return {"step": step, "accuracy": accuracy, "num_examples": num_examples, "dir": str(out_dir)}
+
+
+def main(argv):
+    from pivot_jax import checkpoint
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        result = evaluate_checkpoint(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.step)
+    except (config_lib.ConfigError, input_pipeline.DataError, checkpoint.CheckpointError) as error:
+        sys.exit(f"error: {error}")
+    if jax.process_index() == 0:
+        print((epath.Path(result["dir"]) / "results.md").read_text(), flush=True)
+
+
+if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "The run's config file (configs/*.py[:args]).")
+    flags.DEFINE_string("workdir", None, "The run's workdir, holding checkpoints/.")
+    flags.DEFINE_integer("step", None, "The checkpoint step to evaluate (default: the latest).")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

@@ -28,9 +28,6 @@ from ml_collections import config_flags
 from pivot_jax import checkpoint, config_lib, evaluate, input_pipeline, losses, models, sharding
 from pivot_jax import perturb as perturb_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:args]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -308,7 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         mngr.close()
         writer.flush()
     if is_main:
-        table = evaluate.write_results(workdir, step, accuracy, evaluator_examples(config, test_split),
+        table = evaluate.write_results(workdir / "eval", step, accuracy, evaluator_examples(config, test_split),
                                        test_split.box_source)
         print(f"\nTest accuracy (%) at step {step} ({workdir}):\n{table}\n", flush=True)
     return accuracy
@@ -330,11 +327,14 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
     try:
-        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
     except (config_lib.ConfigError, input_pipeline.DataError, checkpoint.CheckpointError, TrainingError) as error:
         sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":
+    # Flags are defined here, not on import, so that the library modules import side by side.
+    config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:args]).")
+    flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -1,0 +1,137 @@
+"""Evaluation: restore on any device count, no example dropped, exact accuracy, clear errors; and the report."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import CONFIGS, REPO, run_train
+from pivot_jax import checkpoint, config_lib, evaluate, input_pipeline, models, report
+
+EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+
+@pytest.fixture(scope="module")
+def trained_on_eight(mnist_data_dir, tmp_path_factory):
+    """A smoke run trained on 8 fake devices, and its evaluation in that 8-device setting."""
+    workdir = tmp_path_factory.mktemp("eight")
+    args = [f"--config={CONFIGS / 'mnist.py'}:mode=pivot,perturb=noise,smoke", f"--workdir={workdir}",
+            f"--config.data.data_dir={mnist_data_dir}"]
+    result = run_train(args, EIGHT_DEVICES, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    env = {**os.environ, **EIGHT_DEVICES}
+    evaluated = subprocess.run([sys.executable, "-m", "pivot_jax.evaluate", *args], env=env, cwd=REPO,
+                               capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    return workdir, json.loads((workdir / "eval" / "results.json").read_text())
+
+
+def smoke_config(mnist_config):
+    return mnist_config("mode=pivot,perturb=noise,smoke")
+
+
+def test_checkpoint_from_eight_devices_evaluates_the_same_on_one(trained_on_eight, mnist_config):
+    workdir, on_eight = trained_on_eight
+    assert jax.device_count() == 1
+    on_one = evaluate.evaluate_checkpoint(smoke_config(mnist_config), str(workdir))
+    assert on_one["step"] == on_eight["step"] == 12
+    assert set(on_one["accuracy"]) == set(config_lib.load_config(str(CONFIGS / "mnist.py")).evals) | set(
+        config_lib.load_config(str(CONFIGS / "mnist.py")).sweep_evals)
+    assert on_one["accuracy"] == pytest.approx(on_eight["accuracy"], abs=1.5 / 256)  # at most one example
+    assert (workdir / "eval" / "sweeps.png").stat().st_size > 10_000
+    assert "MR boxes: default centred box" in (workdir / "eval" / "results.md").read_text()
+
+
+def test_whole_split_is_evaluated_when_the_batch_does_not_divide_it(trained_on_eight, mnist_config):
+    workdir, _ = trained_on_eight
+    config = smoke_config(mnist_config)
+    config.data.test_examples = 0  # the whole test split: 10,000 examples
+    config.data.eval_batch_size = 768  # 13 batches, the last one padded
+    config.evals, config.sweep_evals = ("clean",), ()
+    result = evaluate.evaluate_checkpoint(config, str(workdir))
+    assert result["num_examples"] == 10_000
+    saved = json.loads((workdir / "eval" / "results.json").read_text())
+    assert saved["num_examples"] == {"clean": 10_000}
+
+
+def test_accuracy_equals_a_direct_computation(trained_on_eight, mnist_config):
+    workdir, _ = trained_on_eight
+    config = smoke_config(mnist_config)
+    config.data.test_examples = 300
+    config.data.eval_batch_size = 128
+    config.evals, config.sweep_evals = ("clean", "lr4_nearest", "mr2_nearest"), ()
+    result = evaluate.evaluate_checkpoint(config, str(workdir))
+
+    _, state = checkpoint.saved_state(workdir)
+    split = input_pipeline.open_split(config.data, "test")
+    images = split.source.images[:300].astype(np.float32) / 255.0
+    labels = split.source.labels[:300]
+    lr = np.repeat(np.repeat(images[:, ::4, ::4], 4, 1), 4, 2)
+    mr = np.repeat(np.repeat(images[:, ::2, ::2], 2, 1), 2, 2)
+    mr[:, 7:21, 7:21] = images[:, 7:21, 7:21]  # the default box: the centre half of each side
+    model = models.get_model(config.model.name, num_classes=10)
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    for name, inputs in (("clean", images), ("lr4_nearest", lr), ("mr2_nearest", mr)):
+        logits = np.asarray(model.apply(variables, jnp.asarray(inputs - np.asarray(state["input_mean"]))))
+        assert result["accuracy"][name] == np.mean(logits.argmax(-1) == labels), name
+
+
+def test_evaluation_errors(trained_on_eight, mnist_config, tmp_path):
+    workdir, _ = trained_on_eight
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in"):
+        evaluate.evaluate_checkpoint(smoke_config(mnist_config), str(tmp_path))
+    with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint at step 7 .* it has \[6, 12\]"):
+        evaluate.evaluate_checkpoint(smoke_config(mnist_config), str(workdir), step=7)
+    other_model = smoke_config(mnist_config)
+    other_model.model.name = "resnet20"
+    with pytest.raises(checkpoint.CheckpointError, match="does not fit the config's model"):
+        evaluate.evaluate_checkpoint(other_model, str(workdir))
+    unreadable = smoke_config(mnist_config)
+    unreadable.data.box_file = str(tmp_path / "missing.csv")
+    with pytest.raises(input_pipeline.DataError, match="config.data.box_file: cannot read"):
+        evaluate.evaluate_checkpoint(unreadable, str(workdir))
+
+
+def test_earlier_step_goes_to_its_own_folder(trained_on_eight, mnist_config):
+    workdir, _ = trained_on_eight
+    config = smoke_config(mnist_config)
+    config.evals, config.sweep_evals = ("clean",), ()
+    result = evaluate.evaluate_checkpoint(config, str(workdir), step=6)
+    assert result["step"] == 6
+    assert json.loads((workdir / "eval" / "step_6" / "results.json").read_text())["step"] == 6
+
+
+def fake_run(path, dataset, mode, kinds, seed, accuracy):
+    path.mkdir(parents=True)
+    config = config_lib.load_config(f"{CONFIGS / (dataset + '.py')}:mode={mode},perturb={'+'.join(kinds) or 'noise'}")
+    config.seed = seed
+    (path / "config.json").write_text(config.to_json_best_effort())
+    (path / "eval").mkdir()
+    (path / "eval" / "results.json").write_text(json.dumps({"step": 100, "accuracy": accuracy,
+                                                            "num_examples": {k: 10 for k in accuracy}}))
+    return str(path)
+
+
+def test_report_rows_seeds_and_paper_numbers(tmp_path):
+    base = {"clean": 0.9, "noise_0.05": 0.8, "noise_0.15": 0.5, "lr4_nearest": 0.2, "lr4_bicubic": 0.25,
+            "mr4_nearest": 0.6}
+    runs = [
+        fake_run(tmp_path / "clean", "cifar10", "clean", (), 0, base),
+        fake_run(tmp_path / "pivot0", "cifar10", "pivot", ("noise",), 0, {**base, "noise_0.15": 0.70}),
+        fake_run(tmp_path / "pivot1", "cifar10", "pivot", ("noise",), 1, {**base, "noise_0.15": 0.74}),
+        fake_run(tmp_path / "mixed", "cifar10", "mixed", ("noise",), 0, base),
+    ]
+    text = report.write_report(runs, tmp_path / "out", columns=["clean", "noise_0.05", "noise_0.15"], title="Noise")
+    assert "| Clean only | 90.00 (91.6) | 80.00 (62.4) | 50.00 (16.6) | 0 |" in text
+    assert "| Pivot loss (Ours) | 90.00 ± 0.00 (90.8) | 80.00 ± 0.00 (89.6) | 72.00 ± 2.00 (81.7) | 0, 1 |" in text
+    assert "| Clean, Noisy | 90.00 (90.5)" in text
+    order = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert order == ["| Clean only", "| Clean, Noisy", "| Pivot loss (Ours)"]
+    assert (tmp_path / "out" / "sweeps.png").stat().st_size > 10_000
+    with pytest.raises(FileNotFoundError, match="no eval/results.json"):
+        report.load_run(tmp_path / "out")
