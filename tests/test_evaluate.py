@@ -133,5 +133,6 @@ def test_report_rows_seeds_and_paper_numbers(tmp_path):
     order = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert order == ["| Clean only", "| Clean, Noisy", "| Pivot loss (Ours)"]
     assert (tmp_path / "out" / "sweeps.png").stat().st_size > 10_000
+    (tmp_path / "out" / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="no eval/results.json"):
         report.load_run(tmp_path / "out")
