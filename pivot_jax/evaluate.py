@@ -20,7 +20,7 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from pivot_jax import config_lib, input_pipeline, sharding
+from pivot_jax import config_lib, input_pipeline, runtime, sharding
 from pivot_jax import perturb as perturb_lib
 
 EVAL_SEED = 2018  # fixed: two evaluations of one model give the same numbers
@@ -131,7 +131,8 @@ def plot_sweeps(curves: dict[str, dict[str, float]], path) -> None:
     lr_axis.minorticks_off()
     for axis in (noise_axis, lr_axis):
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -143,7 +144,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: i
     earlier step, `<workdir>/eval/step_<step>/`) and returns the results."""
     import jax.numpy as jnp
 
-    from pivot_jax import checkpoint, models
+    from pivot_jax import checkpoint, models, train
 
     mesh = sharding.make_mesh()
     config_lib.validate(config, num_devices=mesh.size)
@@ -153,10 +154,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: i
     test_split = input_pipeline.open_split(config.data, config.data.test_split, use_box_file=True)
     model = models.get_model(config.model.name, num_classes=config.data.num_classes, dtype=config.model.dtype)
     size, channels = config.data.image_size, config.data.channels
-    mean_shape = (size, size, channels) if config.data.mean == "pixel" else (channels,)
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, channels))))
     template = {"params": variables["params"], "batch_stats": variables["batch_stats"],
-                "input_mean": jax.ShapeDtypeStruct(mean_shape, jnp.float32)}
+                "input_mean": jax.ShapeDtypeStruct(train.input_mean_shape(config), jnp.float32)}
     model_state, step = checkpoint.restore_model(workdir, template, sharding.replicated(mesh), step)
 
     evaluator = Evaluator(config, test_split, model, mesh, sweeps=True)
@@ -173,9 +173,12 @@ def main(argv):
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    runtime.configure_cpu_defaults()
     try:
+        runtime.initialize_from_flags()
         result = evaluate_checkpoint(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.step)
-    except (config_lib.ConfigError, input_pipeline.DataError, checkpoint.CheckpointError) as error:
+    except (config_lib.ConfigError, input_pipeline.DataError, checkpoint.CheckpointError,
+            runtime.DistributedError) as error:
         sys.exit(f"error: {error}")
     if jax.process_index() == 0:
         print((epath.Path(result["dir"]) / "results.md").read_text(), flush=True)
@@ -185,5 +188,6 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "The run's config file (configs/*.py[:args]).")
     flags.DEFINE_string("workdir", None, "The run's workdir, holding checkpoints/.")
     flags.DEFINE_integer("step", None, "The checkpoint step to evaluate (default: the latest).")
+    runtime.define_distributed_flags()
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -25,7 +25,7 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 from ml_collections import config_flags
 
-from pivot_jax import checkpoint, config_lib, evaluate, input_pipeline, losses, models, sharding
+from pivot_jax import checkpoint, config_lib, evaluate, input_pipeline, losses, models, runtime, sharding
 from pivot_jax import perturb as perturb_lib
 
 
@@ -61,6 +61,28 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
         optax.sgd(schedule, momentum=config.optim.momentum),
     )
     return tx, schedule
+
+
+def input_mean_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    size, channels = config.data.image_size, config.data.channels
+    return (size, size, channels) if config.data.mean == "pixel" else (channels,)
+
+
+def make_state_init(config: ml_collections.ConfigDict, model, tx):
+    """`init_state(input_mean) -> TrainState`: the model's initial variables and optimizer state."""
+    size, channels = config.data.image_size, config.data.channels
+
+    def init_state(input_mean: jax.Array) -> TrainState:
+        variables = model.init(jax.random.key(config.seed), jnp.zeros((1, size, size, channels)), train=False)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=variables["params"],
+            batch_stats=variables["batch_stats"],
+            opt_state=tx.init(variables["params"]),
+            input_mean=input_mean,
+        )
+
+    return init_state
 
 
 def make_train_step(config: ml_collections.ConfigDict, model, tx, schedule, mesh):
@@ -116,7 +138,7 @@ def check_workdir(workdir: epath.Path, config: ml_collections.ConfigDict) -> Non
     """Refuses a workdir that cannot be written or whose saved config is a different experiment."""
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_probe"
+        probe = workdir / f".write_probe_{jax.process_index()}"
         probe.write_text("")
         probe.unlink()
     except OSError as error:
@@ -194,17 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Model and optimizer.
     model = models.get_model(config.model.name, num_classes=config.data.num_classes, dtype=config.model.dtype)
     tx, schedule = make_optimizer(config)
-    size, channels = config.data.image_size, config.data.channels
-
-    def init_state(input_mean):
-        variables = model.init(jax.random.key(config.seed), jnp.zeros((1, size, size, channels)), train=False)
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=variables["params"],
-            batch_stats=variables["batch_stats"],
-            opt_state=tx.init(variables["params"]),
-            input_mean=input_mean,
-        )
+    init_state = make_state_init(config, model, tx)
 
     # Shardings: the state is replicated, batches are split over all devices.
     state_sharding = sharding.replicated(mesh)
@@ -221,9 +233,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Checkpoint restore (or a fresh start, possibly from another run's model).
     mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
     latest = mngr.latest_step()
-    mean_shape = (size, size, channels) if config.data.mean == "pixel" else (channels,)
     if latest is not None:
-        abstract = jax.eval_shape(init_state, jax.ShapeDtypeStruct(mean_shape, jnp.float32))
+        abstract = jax.eval_shape(init_state, jax.ShapeDtypeStruct(input_mean_shape(config), jnp.float32))
         state = checkpoint.restore(mngr, latest, abstract, state_sharding, train_iter)
         logging.info("Resumed from step %d of %s.", latest, workdir)
     else:
@@ -325,10 +336,13 @@ class _QuietLibraries(py_logging.Filter):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    runtime.configure_cpu_defaults()
     logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
     try:
+        runtime.initialize_from_flags()
         train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-    except (config_lib.ConfigError, input_pipeline.DataError, checkpoint.CheckpointError, TrainingError) as error:
+    except (config_lib.ConfigError, input_pipeline.DataError, checkpoint.CheckpointError, TrainingError,
+            runtime.DistributedError) as error:
         sys.exit(f"error: {error}")
 
 
@@ -336,5 +350,6 @@ if __name__ == "__main__":
     # Flags are defined here, not on import, so that the library modules import side by side.
     config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:args]).")
     flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
+    runtime.define_distributed_flags()
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

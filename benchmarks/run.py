@@ -1,0 +1,359 @@
+"""How fast pivot_jax trains, what its own parts cost, and how that compares with the hardware and a peer.
+
+    python benchmarks/run.py [--quick] [--json FILE] [--mnist-data-dir DIR] [--cifar-folder DIR]
+
+Each figure is the median over repeated steps after compilation. Every step measurement runs in a
+fresh worker process (one at a time), so that each has its own XLA flags and device count and
+all are measured side by side in one invocation. Rows whose inputs are missing (torch, data) are
+skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PEER = REPO.parent / "shared" / "peers" / "resnet20_torch.py"
+YNN_CONV_OFF = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+
+
+def _median_time(fn, steps: int, warmup: int = 2) -> float:
+    import jax
+
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers (run in their own process).
+
+
+def worker_step(args) -> dict:
+    """The real train step of a config on synthetic clean images."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pivot_jax import config_lib, models, sharding, train
+
+    config = config_lib.load_config(f"{REPO / 'configs' / args.dataset}.py:mode={args.mode},perturb={args.perturb}")
+    config.batch_size = args.batch
+    if config.loss.mode in ("mixed", "pivot"):
+        config.perturb.k = args.batch // 2
+    config.model.dtype = args.dtype
+    if args.image_size:
+        config.data.image_size = args.image_size
+    mesh = sharding.make_mesh()
+    size, channels = config.data.image_size, config.data.channels
+    model = models.get_model(config.model.name, num_classes=config.data.num_classes, dtype=config.model.dtype)
+    tx, schedule = train.make_optimizer(config)
+
+    def init():
+        variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, channels)))
+        return train.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                                batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
+                                input_mean=jnp.zeros((channels,)))
+
+    state = jax.jit(init, out_shardings=sharding.replicated(mesh))()
+    host = config_lib.host_batch_size(config)
+    rng = np.random.default_rng(0)
+    batch = sharding.global_batch({
+        "image": rng.integers(0, 256, (host, size, size, channels), dtype=np.uint8),
+        "label": rng.integers(0, config.data.num_classes, host).astype(np.int32),
+        "box": np.tile(np.float32([0.25, 0.25, 0.75, 0.75]), (host, 1)),
+    }, mesh)
+    step = jax.jit(train.make_train_step(config, model, tx, schedule, mesh),
+                   in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+                   out_shardings=(sharding.replicated(mesh),) * 2, donate_argnums=0)
+    compiled = step.lower(state, batch).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost["flops"]) * mesh.size  # cost analysis counts one device's share
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        return metrics["loss"]
+
+    seconds = _median_time(run, args.steps)
+    return {"step_ms": 1e3 * seconds, "images_per_s": args.batch / seconds, "gflop_per_step": flops / 1e9,
+            "gflops_per_s": flops / seconds / 1e9, "devices": jax.device_count()}
+
+
+def worker_matmul(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    n = 2048
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    seconds = _median_time(lambda: matmul(a), max(args.steps, 10))
+    return {"matmul_gflops": 2 * n**3 / seconds / 1e9}
+
+
+def worker_perturb(args) -> dict:
+    """The training perturbations of k = 64 CIFAR-sized images on the device, and on the host."""
+    import jax
+    import numpy as np
+    from PIL import Image
+
+    from pivot_jax import perturb
+
+    rng = np.random.default_rng(0)
+    images_u8 = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    images = jax.device_put(images_u8.astype(np.float32) / 255)
+    boxes = jax.device_put(np.tile(np.float32([0.25, 0.25, 0.75, 0.75]), (64, 1)))
+    result = {}
+    for kind in ("noise", "lr", "mr"):
+        spec = perturb.PerturbSpec(kinds=(kind,), counts=(64,))
+        fn = jax.jit(lambda key, x, b, spec=spec: perturb.perturb_batch(key, x, b, spec))
+        result[f"device_{kind}_ms"] = 1e3 * _median_time(lambda: fn(jax.random.key(1), images, boxes), args.steps * 5)
+
+    def host(kind):  # the same work in NumPy / PIL, per image as a host pipeline would do it
+        x = images_u8.astype(np.float32) / 255
+        out = []
+        for image in x:
+            if kind == "noise":
+                out.append(np.clip(image + rng.uniform(0, 0.15) * rng.standard_normal(image.shape), 0, 1))
+                continue
+            factor, method = rng.choice([2, 4]), rng.choice([Image.NEAREST, Image.BICUBIC])
+            small = image[::factor, ::factor]
+            up = np.stack([np.asarray(Image.fromarray(small[..., c], "F").resize((32, 32), method))
+                           for c in range(3)], -1)
+            if kind == "mr":
+                up[8:24, 8:24] = image[8:24, 8:24]
+            out.append(np.clip(up, 0, 1))
+        return np.stack(out)
+
+    for kind in ("noise", "lr", "mr"):
+        times = []
+        for _ in range(args.steps * 2):
+            start = time.perf_counter()
+            host(kind)
+            times.append(time.perf_counter() - start)
+        result[f"host_{kind}_ms"] = 1e3 * statistics.median(times)
+    return result
+
+
+def worker_loop(args) -> dict:
+    """Images/s of the whole training loop (input pipeline, metrics, checkpoints), from the
+    difference of two runs of different length so that start-up, compilation and the final
+    evaluation cancel out."""
+    from pivot_jax import config_lib, runtime, train
+
+    runtime.configure_cpu_defaults()
+    arg = "mode=pivot,perturb=noise"
+    timings = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for steps in (args.loop_short, args.loop_long):
+            config = config_lib.load_config(f"{REPO / 'configs' / args.dataset}.py:{arg}")
+            if args.dataset == "mnist":
+                config.data.data_dir = args.mnist_data_dir
+            else:
+                config.data.name, config.data.folder = "folder", args.cifar_folder
+            config.num_train_steps = steps
+            config.checkpoint_every_steps = 100  # more often than the configs do: a conservative figure
+            config.log_every_steps = 50
+            config.eval_every_steps = 10 * steps  # the loop only; evaluation is measured separately
+            config.evals = ("clean",)
+            config.data.test_examples = 512
+            start = time.perf_counter()
+            train.train_and_evaluate(config, f"{tmp}/{steps}")
+            timings[steps] = time.perf_counter() - start
+    seconds_per_step = (timings[args.loop_long] - timings[args.loop_short]) / (args.loop_long - args.loop_short)
+    return {"loop_images_per_s": 128 / seconds_per_step, "loop_step_ms": 1e3 * seconds_per_step}
+
+
+def worker_eval(args) -> dict:
+    """The full MNIST test split under every evaluation of configs/mnist.py (training's evals)."""
+    import jax
+    import jax.numpy as jnp
+
+    from pivot_jax import config_lib, evaluate, input_pipeline, models, runtime, sharding
+
+    config = config_lib.load_config(str(REPO / "configs" / "mnist.py"))
+    config.data.data_dir = args.mnist_data_dir
+    mesh = sharding.make_mesh()
+    split = input_pipeline.open_split(config.data, "test")
+    model = models.get_model(config.model.name, num_classes=10)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    state = {"params": variables["params"], "batch_stats": variables["batch_stats"], "input_mean": jnp.zeros((1,))}
+    evaluator = evaluate.Evaluator(config, split, model, mesh)
+    evaluator(state)  # compile
+    start = time.perf_counter()
+    _, count = evaluator(state)
+    seconds = time.perf_counter() - start
+    return {"eval_images_per_s": count * len(config.evals) / seconds, "eval_conditions": len(config.evals),
+            "eval_seconds": seconds}
+
+
+WORKERS = {"step": worker_step, "matmul": worker_matmul, "perturb": worker_perturb, "loop": worker_loop,
+           "eval": worker_eval}
+
+
+# ---------------------------------------------------------------------------------------------
+# Orchestration.
+
+
+def run_worker(name: str, xla_flags: str = "", **options) -> dict:
+    env = {**os.environ, "XLA_FLAGS": xla_flags}
+    command = [sys.executable, __file__, f"--worker={name}"]
+    for key, value in options.items():
+        command.append(f"--{key.replace('_', '-')}={value}")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
+    if result.returncode:
+        raise RuntimeError(f"worker {name} {options} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_peer(batch: int, steps: int) -> dict | None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return None
+    if not PEER.exists():
+        return None
+    result = subprocess.run([sys.executable, str(PEER), "--batch", str(batch), "--channels-last", "--steps", str(steps)],
+                            capture_output=True, text=True)
+    return json.loads(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else None
+
+
+def machine() -> dict:
+    import jax
+    import jaxlib
+
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__, "xla_flags_default": YNN_CONV_OFF, "platform": platform.platform()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer steps, no ResNet-18 at 224; under 5 minutes")
+    parser.add_argument("--json", help="write the figures and the machine description here")
+    parser.add_argument("--mnist-data-dir", help="a TFDS data dir with mnist prepared (loop and eval rows)")
+    parser.add_argument("--cifar-folder", help="the CIFAR-10 JPEG copy unpacked (CIFAR loop row)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--dataset", default="cifar10", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="clean", help=argparse.SUPPRESS)
+    parser.add_argument("--perturb", default="noise", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=128, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--image-size", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=10, help=argparse.SUPPRESS)
+    parser.add_argument("--loop-short", type=int, default=40, help=argparse.SUPPRESS)
+    parser.add_argument("--loop-long", type=int, default=240, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](args)))
+        return
+
+    steps = 8 if args.quick else 20
+    figures: dict = {"machine": machine(), "quick": args.quick, "step_images_per_s": {}, "skipped": {}}
+    rows: list[tuple[str, str]] = []
+
+    def note(label, value):
+        rows.append((label, value))
+        print(f"{label:60s} {value}", flush=True)
+
+    figures["matmul_gflops"] = run_worker("matmul", YNN_CONV_OFF, steps=steps)["matmul_gflops"]
+    note("f32 matmul 2048^3 (GFLOP/s)", f"{figures['matmul_gflops']:.0f}")
+
+    # Train-step throughput, before/after the CPU default, both modes.
+    steps_by = {}
+    for label, flags in (("xla default", ""), ("pivot_jax default", YNN_CONV_OFF)):
+        for mode in ("clean", "pivot"):
+            result = run_worker("step", flags, mode=mode, steps=steps)
+            steps_by[(label, mode)] = result
+            note(f"ResNet-20 b128 32x32 {mode}, {label} (images/s)", f"{result['images_per_s']:.0f}")
+    ours = {mode: steps_by[("pivot_jax default", mode)] for mode in ("clean", "pivot")}
+    figures["step_images_per_s"]["resnet20_b128"] = {m: r["images_per_s"] for m, r in ours.items()}
+    figures["step_images_per_s"]["resnet20_b128_xla_default"] = {
+        m: steps_by[("xla default", m)]["images_per_s"] for m in ("clean", "pivot")}
+    figures["gflop_per_step"] = ours["pivot"]["gflop_per_step"]
+    figures["mfu"] = ours["pivot"]["gflops_per_s"] / figures["matmul_gflops"]
+    figures["pivot_over_clean"] = ours["pivot"]["step_ms"] / ours["clean"]["step_ms"]
+    note("mfu (pivot step FLOP/s over matmul FLOP/s)", f"{figures['mfu']:.3f}")
+    note("pivot_over_clean (step time)", f"{figures['pivot_over_clean']:.3f}")
+    bf16 = run_worker("step", YNN_CONV_OFF, mode="pivot", dtype="bfloat16", steps=steps)
+    figures["step_images_per_s"]["resnet20_b128"]["pivot_bfloat16"] = bf16["images_per_s"]
+    note("ResNet-20 b128 pivot, bfloat16 compute (images/s)", f"{bf16['images_per_s']:.0f}")
+
+    if not args.quick:
+        for mode in ("clean", "pivot"):
+            result = run_worker("step", YNN_CONV_OFF, dataset="imagenet", mode=mode, perturb="lr+mr", batch=16,
+                                steps=3)
+            figures["step_images_per_s"].setdefault("resnet18_b16_224", {})[mode] = result["images_per_s"]
+            note(f"ResNet-18 b16 224x224 {mode} (images/s)", f"{result['images_per_s']:.1f}")
+
+    peer = run_peer(128, steps)
+    if peer:
+        figures["peer"] = peer
+        figures["ratio_to_peer"] = ours["pivot"]["images_per_s"] / peer["images_per_s"]
+        note(f"PyTorch {peer['version']} peer, channels_last (images/s)", f"{peer['images_per_s']:.0f}")
+        note("ratio_to_peer (pivot_jax pivot / PyTorch)", f"{figures['ratio_to_peer']:.2f}")
+    else:
+        figures["skipped"]["peer"] = "torch is not installed (pip install torch==2.13.0)"
+        note("PyTorch peer", "skipped: torch not installed")
+
+    perturb = run_worker("perturb", YNN_CONV_OFF, steps=steps)
+    figures["perturb_ms"] = perturb
+    for kind in ("noise", "lr", "mr"):
+        note(f"perturb 64 images, {kind}: device / host NumPy+PIL (ms)",
+             f"{perturb[f'device_{kind}_ms']:.2f} / {perturb[f'host_{kind}_ms']:.2f}")
+
+    figures["scaling"] = {}
+    for devices in (1, 2, 8) if args.quick else (1, 2, 4, 8):
+        result = run_worker("step", f"{YNN_CONV_OFF} --xla_force_host_platform_device_count={devices}",
+                            mode="pivot", steps=steps)
+        figures["scaling"][f"{devices}_devices"] = result["images_per_s"]
+        note(f"ResNet-20 b128 pivot on {devices} fake CPU devices (images/s)", f"{result['images_per_s']:.0f}")
+    figures["skipped"]["scaling_2_processes"] = "multi-process runs: not measured here yet"
+
+    figures["loop_over_step"] = {}
+    loop_rows = (("mnist", args.mnist_data_dir, "--mnist-data-dir"), ("cifar10", args.cifar_folder, "--cifar-folder"))
+    for dataset, source, flag in loop_rows:
+        if not source:
+            figures["skipped"][f"loop_{dataset}"] = f"no {flag}"
+            note(f"loop_over_step {dataset}", f"skipped: no {flag}")
+            continue
+        options = {"mnist_data_dir": source} if dataset == "mnist" else {"cifar_folder": source}
+        if args.quick:
+            options.update(loop_short=20, loop_long=120)
+        loop = run_worker("loop", "", dataset=dataset, **options)
+        bare = run_worker("step", YNN_CONV_OFF, dataset=dataset, mode="pivot", steps=steps)
+        figures["loop_over_step"][dataset] = loop["loop_images_per_s"] / bare["images_per_s"]
+        note(f"{dataset} pivot: loop / bare step (images/s)",
+             f"{loop['loop_images_per_s']:.0f} / {bare['images_per_s']:.0f} = {figures['loop_over_step'][dataset]:.3f}")
+
+    if args.mnist_data_dir:
+        evaluation = run_worker("eval", YNN_CONV_OFF, mnist_data_dir=args.mnist_data_dir)
+        figures["eval"] = evaluation
+        note(f"MNIST test split x {evaluation['eval_conditions']} conditions (images/s)",
+             f"{evaluation['eval_images_per_s']:.0f}")
+
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Will it fit? `python -m pivot_jax.compile_check --config=configs/<dataset>.py[:args] [--devices=N]`.
+
+Lowers and compiles the train step for the configured global batch on the devices present (or on N
+fake CPU devices) without reading data or running a step, and prints the per-device memory from
+XLA's `memory_analysis` and the FLOPs of one step, so that a batch size can be checked before a pod
+is booked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+
+def compile_report(config) -> dict:
+    """Compiles `config`'s train step against abstract inputs; returns sizes and FLOPs."""
+    import jax
+    import jax.numpy as jnp
+
+    from pivot_jax import config_lib, models, sharding, train
+
+    mesh = sharding.make_mesh()
+    config_lib.validate(config, num_devices=mesh.size)
+    model = models.get_model(config.model.name, num_classes=config.data.num_classes, dtype=config.model.dtype)
+    tx, schedule = train.make_optimizer(config)
+    init_state = train.make_state_init(config, model, tx)
+    state = jax.eval_shape(init_state, jax.ShapeDtypeStruct(train.input_mean_shape(config), jnp.float32))
+    replicated, split = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+    host_batch, size, channels = config_lib.host_batch_size(config), config.data.image_size, config.data.channels
+    batch = {
+        "image": jax.ShapeDtypeStruct((host_batch, size, size, channels), jnp.uint8, sharding=split),
+        "label": jax.ShapeDtypeStruct((host_batch,), jnp.int32, sharding=split),
+        "box": jax.ShapeDtypeStruct((host_batch, 4), jnp.float32, sharding=split),
+    }
+    step = jax.jit(train.make_train_step(config, model, tx, schedule, mesh),
+                   in_shardings=(replicated, split), out_shardings=(replicated, replicated), donate_argnums=0)
+    compiled = step.lower(state, batch).compile()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    per_device = {
+        "arguments": memory.argument_size_in_bytes,
+        "outputs": memory.output_size_in_bytes,
+        "aliased": memory.alias_size_in_bytes,
+        "temporaries": memory.temp_size_in_bytes,
+        "generated_code": memory.generated_code_size_in_bytes,
+    }
+    per_device["peak_estimate"] = (per_device["arguments"] + per_device["outputs"] - per_device["aliased"]
+                                   + per_device["temporaries"] + per_device["generated_code"])
+    params = sum(x.size for x in jax.tree.leaves(state.params))
+    return {
+        "model": config.model.name,
+        "devices": mesh.size,
+        "platform": jax.devices()[0].platform,
+        "global_batch": config.batch_size,
+        "clean_images_per_step": host_batch,
+        "parameters": int(params),
+        "flops_per_step": float(cost["flops"]) * mesh.size,  # cost analysis counts one device's share
+        "bytes_per_device": per_device,
+    }
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3f} GiB"
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from pivot_jax import config_lib, runtime
+
+    if flags.FLAGS.devices:  # JAX reads these when its backend starts, at the first computation
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={flags.FLAGS.devices}")
+    runtime.configure_cpu_defaults()
+    try:
+        report = compile_report(flags.FLAGS.config)
+    except config_lib.ConfigError as error:
+        sys.exit(f"error: {error}")
+    memory = report["bytes_per_device"]
+    print(f"{report['model']}: global batch {report['global_batch']} ({report['clean_images_per_step']} clean "
+          f"images fed per step) on {report['devices']} {report['platform']} devices, "
+          f"{report['parameters'] / 1e6:.2f}M parameters")
+    print(f"per device: arguments {_gib(memory['arguments'])}, outputs {_gib(memory['outputs'])} "
+          f"(aliased with donated inputs {_gib(memory['aliased'])}), temporaries {_gib(memory['temporaries'])}, "
+          f"code {_gib(memory['generated_code'])}; peak estimate {_gib(memory['peak_estimate'])}")
+    print(f"FLOPs per step: {report['flops_per_step'] / 1e12:.3f} TFLOP")
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:args]).")
+    flags.DEFINE_integer("devices", None, "Compile for this many fake CPU devices instead of the devices present.")
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

