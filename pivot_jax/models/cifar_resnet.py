@@ -4,11 +4,12 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from pivot_jax.models import layers
 
 DEPTHS = (8, 20, 32, 44, 56, 110)  # 8: the smoke configs' tiny model
 
@@ -44,13 +45,7 @@ class CifarResNet(nn.Module):
         if (self.depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n + 2, got {self.depth}")
         blocks_per_stage = (self.depth - 2) // 6
-        # He et al.'s initialisation for the ReLU network's convolutions.
-        conv = functools.partial(
-            nn.Conv, use_bias=False, padding="SAME", dtype=self.dtype, kernel_init=nn.initializers.he_normal()
-        )
-        norm = functools.partial(
-            nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype
-        )
+        conv, norm = layers.conv_and_norm(self.dtype, train)
         x = x.astype(self.dtype)
         x = nn.relu(norm()(conv(16, (3, 3))(x)))
         for stage, channels in enumerate((16, 32, 64)):

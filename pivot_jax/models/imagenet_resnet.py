@@ -4,11 +4,12 @@ shortcuts where the shape changes."""
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from pivot_jax.models import layers
 
 STAGES = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3))}
 
@@ -45,13 +46,7 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         block_kind, stage_sizes = STAGES[self.depth]
-        # He et al.'s initialisation for the ReLU network's convolutions.
-        conv = functools.partial(
-            nn.Conv, use_bias=False, padding="SAME", dtype=self.dtype, kernel_init=nn.initializers.he_normal()
-        )
-        norm = functools.partial(
-            nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype
-        )
+        conv, norm = layers.conv_and_norm(self.dtype, train)
         x = x.astype(self.dtype)
         x = conv(64, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="stem_conv")(x)
         x = nn.relu(norm(name="stem_bn")(x))
