@@ -273,11 +273,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             )
         writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
 
-    def run_evaluation(step: int) -> dict[str, float]:
+    def run_evaluation(step: int) -> tuple[dict[str, float], int]:
         with report_progress.timed("eval"):
-            result, _ = evaluator(state.model_state())
+            result, num_examples = evaluator(state.model_state())
         writer.write_scalars(step, {f"eval/{name}": value for name, value in result.items()})
-        return result
+        return result, num_examples
 
     def save_checkpoint(step: int) -> None:
         flush_metrics(step)  # never save a state whose loss went non-finite
@@ -298,7 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if step % config.log_every_steps == 0:
                 flush_metrics(step)
             if step % config.eval_every_steps == 0 and step < config.num_train_steps:
-                accuracy = run_evaluation(step)
+                accuracy, _ = run_evaluation(step)
             if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
                 save_checkpoint(step)
             if preemption.requested or mngr.reached_preemption(step):
@@ -310,20 +310,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         flush_metrics(step)
         if mngr.latest_step() != step:
             save_checkpoint(step)
-        accuracy = run_evaluation(step)
+        accuracy, num_examples = run_evaluation(step)
     finally:
         mngr.wait_until_finished()
         mngr.close()
         writer.flush()
     if is_main:
-        table = evaluate.write_results(workdir / "eval", step, accuracy, evaluator_examples(config, test_split),
-                                       test_split.box_source)
+        table = evaluate.write_results(workdir / "eval", step, accuracy, num_examples, test_split.box_source)
         print(f"\nTest accuracy (%) at step {step} ({workdir}):\n{table}\n", flush=True)
     return accuracy
-
-
-def evaluator_examples(config, split) -> int:
-    return min(config.data.test_examples, split.num_examples) if config.data.test_examples else split.num_examples
 
 
 class _QuietLibraries(py_logging.Filter):

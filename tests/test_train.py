@@ -130,6 +130,24 @@ def test_sigkill_then_resume_equals_uninterrupted_run(mnist_data_dir, tmp_path):
     assert json.loads((whole / "eval/results.json").read_text()) == json.loads((killed / "eval/results.json").read_text())
 
 
+def test_sigterm_saves_a_checkpoint_and_stops(mnist_data_dir, tmp_path):
+    args = [*_resume_args(tmp_path, mnist_data_dir), "--config.num_train_steps=400",
+            "--config.checkpoint_every_steps=1000", "--config.log_every_steps=1", "--config.eval_every_steps=1000"]
+    env = {**os.environ, **ONE_DEVICE}
+    process = subprocess.Popen([sys.executable, "-m", "pivot_jax.train", *args], env=env, cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not list(tmp_path.glob("events.out.tfevents.*")) and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(3)  # a few steps into training
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 0, stderr[-3000:]
+    stopped = checkpoint.manager(tmp_path, read_only=True).latest_step()
+    assert stopped is not None and 0 < stopped < 400  # saved where it stopped, not at a scheduled step
+    assert f"Stopped at step {stopped} for preemption" in stderr
+
+
 def test_eight_devices_match_one(mnist_data_dir, tmp_path):
     """Same global batch on 1 and on 8 fake devices: only the order of float reductions differs."""
     args = [f"--config={CONFIGS / 'mnist.py'}:mode=pivot,perturb=lr+mr,smoke",
