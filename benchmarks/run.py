@@ -49,8 +49,10 @@ def worker_step(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from pivot_jax import config_lib, models, sharding, train
+    from pivot_jax import config_lib, models, runtime, sharding, train
 
+    if args.num_processes > 1:
+        runtime.initialize_distributed(f"127.0.0.1:{args.port}", args.num_processes, args.process_id, 120)
     config = config_lib.load_config(f"{REPO / 'configs' / args.dataset}.py:mode={args.mode},perturb={args.perturb}")
     config.batch_size = args.batch
     if config.loss.mode in ("mixed", "pivot"):
@@ -70,8 +72,8 @@ def worker_step(args) -> dict:
                                 input_mean=jnp.zeros((channels,)))
 
     state = jax.jit(init, out_shardings=sharding.replicated(mesh))()
-    host = config_lib.host_batch_size(config)
-    rng = np.random.default_rng(0)
+    host = config_lib.host_batch_size(config) // jax.process_count()  # this process's rows
+    rng = np.random.default_rng(jax.process_index())
     batch = sharding.global_batch({
         "image": rng.integers(0, 256, (host, size, size, channels), dtype=np.uint8),
         "label": rng.integers(0, config.data.num_classes, host).astype(np.int32),
@@ -221,6 +223,22 @@ def run_worker(name: str, xla_flags: str = "", **options) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def run_worker_processes(name: str, processes: int, devices_each: int, **options) -> dict:
+    """The worker in `processes` processes on 127.0.0.1, each with its own fake CPU devices, joined by
+    jax.distributed; returns process 0's figures."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"{YNN_CONV_OFF} --xla_force_host_platform_device_count={devices_each}"}
+    command = [sys.executable, __file__, f"--worker={name}", f"--num-processes={processes}"]
+    command += [f"--{key.replace('_', '-')}={value}" for key, value in options.items()]
+    running = [subprocess.Popen([*command, f"--process-id={i}"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for i in range(processes)]
+    outputs = [p.communicate() for p in running]
+    for process, (_, stderr) in zip(running, outputs):
+        if process.returncode:
+            raise RuntimeError(f"worker {name} x {processes} processes failed:\n{stderr[-3000:]}")
+    return json.loads(outputs[0][0].strip().splitlines()[-1])
+
+
 def run_peer(batch: int, steps: int) -> dict | None:
     try:
         import torch  # noqa: F401
@@ -260,6 +278,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--image-size", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=10, help=argparse.SUPPRESS)
+    parser.add_argument("--num-processes", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--process-id", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=12371, help=argparse.SUPPRESS)
     parser.add_argument("--loop-short", type=int, default=40, help=argparse.SUPPRESS)
     parser.add_argument("--loop-long", type=int, default=240, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -327,7 +348,9 @@ def main() -> None:
                             mode="pivot", steps=steps)
         figures["scaling"][f"{devices}_devices"] = result["images_per_s"]
         note(f"ResNet-20 b128 pivot on {devices} fake CPU devices (images/s)", f"{result['images_per_s']:.0f}")
-    figures["skipped"]["scaling_2_processes"] = "multi-process runs: not measured here yet"
+    result = run_worker_processes("step", 2, 1, mode="pivot", steps=steps)
+    figures["scaling"]["2_processes_x_1_device"] = result["images_per_s"]
+    note("ResNet-20 b128 pivot on 2 processes x 1 device (images/s)", f"{result['images_per_s']:.0f}")
 
     figures["loop_over_step"] = {}
     loop_rows = (("mnist", args.mnist_data_dir, "--mnist-data-dir"), ("cifar10", args.cifar_folder, "--cifar-folder"))
