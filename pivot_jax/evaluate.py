@@ -174,6 +174,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     runtime.configure_cpu_defaults()
+    runtime.quiet_library_logs()
     try:
         runtime.initialize_from_flags()
         result = evaluate_checkpoint(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.step)

@@ -8,6 +8,7 @@ The flag is read only by the CPU backend; accelerators ignore it. A user's own X
 
 from __future__ import annotations
 
+import logging
 import os
 
 CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
@@ -113,3 +114,17 @@ def initialize_from_flags() -> None:
 
     initialize_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id,
                            flags.FLAGS.distributed_timeout)
+
+
+class _QuietLibraries(logging.Filter):
+    """Keeps Orbax's per-save INFO chatter out of the console; its warnings still show."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+    """For the CLIs: the console shows the run's own progress, not every library's INFO lines."""
+    from absl import logging as absl_logging
+
+    absl_logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())

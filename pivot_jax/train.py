@@ -9,7 +9,6 @@ forward pass over all of it (BatchNorm statistics over the whole global batch) a
 from __future__ import annotations
 
 import json
-import logging as py_logging
 import signal
 import sys
 from typing import Any
@@ -321,18 +320,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return accuracy
 
 
-class _QuietLibraries(py_logging.Filter):
-    """Keeps Orbax's per-save INFO chatter out of the console; its warnings still show."""
-
-    def filter(self, record) -> bool:
-        return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     runtime.configure_cpu_defaults()
-    logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
+    runtime.quiet_library_logs()
     try:
         runtime.initialize_from_flags()
         train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
