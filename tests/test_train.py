@@ -244,3 +244,17 @@ def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(mnist_config, tmp_p
     assert step == good_step == 12
     jax.tree.map(np.testing.assert_array_equal, params, good_params)
     assert (tmp_path / "config.before_step_12.json").exists()  # the run's earlier config is kept
+
+
+def test_init_from_starts_from_another_runs_model(mnist_config, tmp_path):
+    """Fine-tuning (the ImageNet recipe): a fresh run initialised from another run's latest model."""
+    train.train_and_evaluate(mnist_config(), str(tmp_path / "pretrained"))
+    _, pretrained = saved_params(tmp_path / "pretrained")
+    finetune = mnist_config("mode=mixed,perturb=lr,smoke")
+    finetune.init_from = str(tmp_path / "pretrained")
+    finetune.num_train_steps = finetune.checkpoint_every_steps = finetune.eval_every_steps = 2
+    finetune.optim.learning_rate = 1e-12  # two steps that cannot move the weights measurably
+    train.train_and_evaluate(finetune, str(tmp_path / "finetuned"))
+    step, finetuned = saved_params(tmp_path / "finetuned")
+    assert step == 2
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), finetuned, pretrained)
