@@ -10,12 +10,14 @@
 # boundaries scale with it), and the root directory of the runs. SEEDS (default "0") lists seeds;
 # EXTRA_SEEDS (default "1" for cifar10) adds seeds for the mixed and pivot rows of the noise table.
 # MNIST comes from TFDS ($TFDS_DATA_DIR); CIFAR-10 from the image folder $CIFAR_FOLDER when it is set.
+# A checkpoint is written every tenth of the schedule, so an interruption costs little.
 set -euo pipefail
 dataset="${1:?usage: $0 mnist|cifar10 STEPS RUN_ROOT}"
 steps="${2:?usage: $0 mnist|cifar10 STEPS RUN_ROOT}"
 root="${3:?usage: $0 mnist|cifar10 STEPS RUN_ROOT}"
 seeds="${SEEDS:-0}"
 if [[ "$dataset" == cifar10 ]]; then extra_seeds="${EXTRA_SEEDS:-1}"; else extra_seeds="${EXTRA_SEEDS:-}"; fi
+checkpoint_every=$(( (steps + 9) / 10 ))
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 data=()
 if [[ "$dataset" == cifar10 && -n "${CIFAR_FOLDER:-}" ]]; then
@@ -45,7 +47,8 @@ run_row() {
   echo "== ${name} seed ${seed}: $(date -u +%FT%TZ) training"
   local start=$SECONDS
   (cd "$repo" && python -m pivot_jax.train "--config=${config}" "--workdir=${workdir}" \
-      "--config.num_train_steps=${steps}" "--config.seed=${seed}" "${data[@]+"${data[@]}"}")
+      "--config.num_train_steps=${steps}" "--config.seed=${seed}" \
+      "--config.checkpoint_every_steps=${checkpoint_every}" "${data[@]+"${data[@]}"}")
   (cd "$repo" && python -m pivot_jax.evaluate "--config=${config}" "--workdir=${workdir}" \
       "--config.num_train_steps=${steps}" "--config.seed=${seed}" "${data[@]+"${data[@]}"}")
   echo "$((SECONDS - start))" > "${workdir}/eval/wall_seconds_last_session.txt"
