@@ -121,6 +121,7 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx, schedule, mesh
         )
         correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
         metrics = {name: aux[name] for name in ("loss", "l_org", "l_perturb")}
+        metrics["grad_norm"] = optax.tree.norm(grads)
         if paired:
             metrics["l_dist"] = aux["l_dist"]
         if k < m:
@@ -259,16 +260,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     accuracy: dict[str, float] = {}
 
     def flush_metrics(step: int) -> None:
-        """Averages the metrics since the last flush; stops on a non-finite loss."""
+        """Averages the metrics since the last flush; stops on a non-finite loss or gradient.
+
+        The gradient is checked too: a diverging run can overflow its gradient while the loss is still
+        finite, and would then train on to a constant classifier without ever failing.
+        """
         if not pending_metrics:
             return
         host = jax.device_get(pending_metrics)
         pending_metrics.clear()
         summary = {name: float(np.mean([m[name] for m in host])) for name in host[0]}
-        if not all(np.isfinite(m["loss"]) for m in host):
+        bad = [name for name in ("loss", "grad_norm") if not all(np.isfinite(m[name]) for m in host)]
+        if bad:
             raise TrainingError(
-                f"non-finite loss by step {step} ({summary['loss']}); the last good checkpoint is kept in "
-                f"{checkpoint.checkpoint_dir(workdir)}. Lower config.optim.learning_rate or check the data."
+                f"non-finite {' and '.join(bad)} by step {step} (loss {summary['loss']}, gradient norm "
+                f"{summary['grad_norm']}); the last good checkpoint is kept in {checkpoint.checkpoint_dir(workdir)}. "
+                "Lower config.optim.learning_rate, try config.loss.symmetric=True, or check the data."
             )
         writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
 
@@ -279,7 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return result, num_examples
 
     def save_checkpoint(step: int) -> None:
-        flush_metrics(step)  # never save a state whose loss went non-finite
+        flush_metrics(step)  # never save a state whose loss or gradient went non-finite
         with report_progress.timed("checkpoint"):
             checkpoint.save(mngr, step, state, train_iter)
 

@@ -106,10 +106,11 @@ def test_earlier_step_goes_to_its_own_folder(trained_on_eight, mnist_config):
     assert json.loads((workdir / "eval" / "step_6" / "results.json").read_text())["step"] == 6
 
 
-def fake_run(path, dataset, mode, kinds, seed, accuracy):
+def fake_run(path, dataset, mode, kinds, seed, accuracy, symmetric=False):
     path.mkdir(parents=True)
     config = config_lib.load_config(f"{CONFIGS / (dataset + '.py')}:mode={mode},perturb={'+'.join(kinds) or 'noise'}")
     config.seed = seed
+    config.loss.symmetric = symmetric
     (path / "config.json").write_text(config.to_json_best_effort())
     (path / "eval").mkdir()
     (path / "eval" / "results.json").write_text(json.dumps({"step": 100, "accuracy": accuracy,
@@ -125,13 +126,16 @@ def test_report_rows_seeds_and_paper_numbers(tmp_path):
         fake_run(tmp_path / "pivot0", "cifar10", "pivot", ("noise",), 0, {**base, "noise_0.15": 0.70}),
         fake_run(tmp_path / "pivot1", "cifar10", "pivot", ("noise",), 1, {**base, "noise_0.15": 0.74}),
         fake_run(tmp_path / "mixed", "cifar10", "mixed", ("noise",), 0, base),
+        fake_run(tmp_path / "symmetric", "cifar10", "pivot", ("noise",), 0, {**base, "noise_0.15": 0.60}, True),
     ]
     text = report.write_report(runs, tmp_path / "out", columns=["clean", "noise_0.05", "noise_0.15"], title="Noise")
     assert "| Clean only | 90.00 (91.6) | 80.00 (62.4) | 50.00 (16.6) | 0 |" in text
     assert "| Pivot loss (Ours) | 90.00 ± 0.00 (90.8) | 80.00 ± 0.00 (89.6) | 72.00 ± 2.00 (81.7) | 0, 1 |" in text
     assert "| Clean, Noisy | 90.00 (90.5)" in text
     order = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert order == ["| Clean only", "| Clean, Noisy", "| Pivot loss (Ours)"]
+    # The symmetric ablation is a row of its own, without the paper's numbers.
+    assert "| Pivot loss, symmetric | 90.00 | 80.00 | 60.00 | 0 |" in text
+    assert order == ["| Clean only", "| Clean, Noisy", "| Pivot loss (Ours)", "| Pivot loss, symmetric"]
     assert (tmp_path / "out" / "sweeps.png").stat().st_size > 10_000
     (tmp_path / "out" / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="no eval/results.json"):
