@@ -19,8 +19,7 @@ from etils import epath
 from pivot_jax import evaluate
 
 ROW_ORDER = ("Clean only", "Noisy only", "LR only", "MR only", "LR, MR only", "Clean, Noisy", "Clean, LR",
-             "Clean, MR", "Clean, LR, MR", "Pivot loss (Ours)",
-             "Pivot loss, symmetric")
+             "Clean, MR", "Clean, LR, MR", "Pivot loss (Ours)", "Pivot loss, symmetric")
 _KIND_NAMES = {"noise": "Noisy", "lr": "LR", "mr": "MR"}
 
 # The paper's test accuracies (%), by data set, row and test condition (DESIGN section 1).

@@ -32,6 +32,5 @@ def test_single_process_needs_no_coordinator(monkeypatch):
 
 
 def test_coordinator_needs_process_count_and_id():
-
     with pytest.raises(runtime.DistributedError, match="--num_processes and --process_id"):
         runtime.initialize_distributed("127.0.0.1:1234")

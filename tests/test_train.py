@@ -238,7 +238,7 @@ def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(mnist_config, tmp_p
     diverging.num_train_steps = 24
     diverging.optim.learning_rate = 1e30
     diverging.allow_config_change = True
-    with pytest.raises(train.TrainingError, match="non-finite (loss|grad_norm)"):
+    with pytest.raises(train.TrainingError, match="non-finite loss"):
         train.train_and_evaluate(diverging, str(tmp_path))
     step, params = saved_params(tmp_path)
     assert step == good_step == 12
