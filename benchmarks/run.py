@@ -49,7 +49,7 @@ def worker_step(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from pivot_jax import config_lib, models, runtime, sharding, train
+    from pivot_jax import config_lib, runtime, sharding, train_step, train_state
 
     if args.num_processes > 1:
         runtime.initialize_distributed(f"127.0.0.1:{args.port}", args.num_processes, args.process_id, 120)
@@ -61,17 +61,12 @@ def worker_step(args) -> dict:
     if args.image_size:
         config.data.image_size = args.image_size
     mesh = sharding.make_mesh()
+    config_lib.validate(config, num_devices=mesh.size)
+    # The training step itself (train_step.build), on synthetic clean images; the input mean has the
+    # config's shape (per pixel for CIFAR), as in training.
+    step_fns = train_step.build(config, mesh)
+    state = step_fns.init_state(jnp.zeros(train_state.input_mean_shape(config), jnp.float32))
     size, channels = config.data.image_size, config.data.channels
-    model = models.get_model(config.model.name, num_classes=config.data.num_classes, dtype=config.model.dtype)
-    tx, schedule = train.make_optimizer(config)
-
-    def init():
-        variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, channels)))
-        return train.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                                batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
-                                input_mean=jnp.zeros((channels,)))
-
-    state = jax.jit(init, out_shardings=sharding.replicated(mesh))()
     host = config_lib.host_batch_size(config) // jax.process_count()  # this process's rows
     rng = np.random.default_rng(jax.process_index())
     batch = sharding.global_batch({
@@ -79,10 +74,7 @@ def worker_step(args) -> dict:
         "label": rng.integers(0, config.data.num_classes, host).astype(np.int32),
         "box": np.tile(np.float32([0.25, 0.25, 0.75, 0.75]), (host, 1)),
     }, mesh)
-    step = jax.jit(train.make_train_step(config, model, tx, schedule, mesh),
-                   in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-                   out_shardings=(sharding.replicated(mesh),) * 2, donate_argnums=0)
-    compiled = step.lower(state, batch).compile()
+    compiled = step_fns.step.lower(state, batch).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost["flops"]) * mesh.size  # cost analysis counts one device's share
@@ -186,12 +178,12 @@ def worker_eval(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from pivot_jax import config_lib, evaluate, input_pipeline, models, runtime, sharding
+    from pivot_jax import config_lib, data, evaluate, models, sharding
 
     config = config_lib.load_config(str(REPO / "configs" / "mnist.py"))
     config.data.data_dir = args.mnist_data_dir
     mesh = sharding.make_mesh()
-    split = input_pipeline.open_split(config.data, "test")
+    split = data.open_split(config.data, "test")
     model = models.get_model(config.model.name, num_classes=10)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
     state = {"params": variables["params"], "batch_stats": variables["batch_stats"], "input_mean": jnp.zeros((1,))}

@@ -21,7 +21,7 @@ def get_config(arg=None):
     config.eval_every_steps = 4000
     config.checkpoint_every_steps = 2000
 
-    config.dataset = "cifar10"
+    config.paper_table = "cifar10"
     config.data.name = "cifar10"
     config.data.num_classes = 10
     config.data.image_size = 32

@@ -29,7 +29,7 @@ def get_config(arg=None):
     config.checkpoint_every_steps = 5_000
     config.log_every_steps = 500
 
-    config.dataset = "imagenet"
+    config.paper_table = "imagenet"
     config.data.name = "imagenet2012"
     config.data.test_split = "validation"
     config.data.num_classes = 1000

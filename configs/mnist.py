@@ -1,4 +1,4 @@
-"""MNIST with ResNet-20: the paper's MNIST setting (DESIGN section 1).
+"""MNIST with ResNet-20: the paper's MNIST setting.
 
 Run (any mode x perturbation; data from TFDS, downloaded on first use):
   python -m pivot_jax.train --config=configs/mnist.py:mode=pivot,perturb=noise --workdir=/tmp/mnist_pivot
@@ -21,7 +21,7 @@ def get_config(arg=None):
     config.num_train_steps = 9000  # lr / 10 at 4k, 6k, 8k
     config.optim.lr_boundaries = (4 / 9, 6 / 9, 8 / 9)
 
-    config.dataset = "mnist"
+    config.paper_table = "mnist"
     config.data.name = "mnist"
     config.data.num_classes = 10
     config.data.image_size = 28

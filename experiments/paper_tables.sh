@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Trains, evaluates and reports every row of the paper's MNIST or CIFAR-10 tables (DESIGN section 1)
+# Trains, evaluates and reports every row of the paper's MNIST or CIFAR-10 tables (docs/method.md)
 # with the project's own commands. Idempotent and resumable: a row whose evaluation exists is skipped,
 # an interrupted row resumes from its last checkpoint. Run it in the background:
 #

@@ -13,16 +13,15 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import serialization
 
+from pivot_jax.errors import CheckpointError
+
 STATE, DATA = "state", "data"
 # What evaluation and fine-tuning need of a train state.
 MODEL_FIELDS = ("params", "batch_stats", "input_mean")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that was asked for is missing or does not fit the config."""
-
-
 def checkpoint_dir(workdir) -> epath.Path:
+    """Where a run's checkpoints live: `<workdir>/checkpoints/<step>/`."""
     return epath.Path(workdir) / "checkpoints"
 
 
@@ -39,6 +38,7 @@ def manager(workdir, *, keep: int | None = None, read_only: bool = False) -> ocp
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator=None) -> None:
+    """Starts an asynchronous save of `state` (and the data position) as step `step`."""
     items = {STATE: ocp.args.StandardSave(serialization.to_state_dict(state))}
     if data_iterator is not None:
         items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)

@@ -19,27 +19,14 @@ from ml_collections import config_flags
 def compile_report(config) -> dict:
     """Compiles `config`'s train step against abstract inputs; returns sizes and FLOPs."""
     import jax
-    import jax.numpy as jnp
 
-    from pivot_jax import config_lib, models, sharding, train
+    from pivot_jax import config_lib, sharding, train_step
 
     mesh = sharding.make_mesh()
     config_lib.validate(config, num_devices=mesh.size)
-    model = models.get_model(config.model.name, num_classes=config.data.num_classes, dtype=config.model.dtype)
-    tx, schedule = train.make_optimizer(config)
-    init_state = train.make_state_init(config, model, tx)
-    state = jax.eval_shape(init_state, jax.ShapeDtypeStruct(train.input_mean_shape(config), jnp.float32))
-    replicated, split = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
-    host_batch, size, channels = config_lib.host_batch_size(config), config.data.image_size, config.data.channels
-    batch = {
-        "image": jax.ShapeDtypeStruct((host_batch, size, size, channels), jnp.uint8, sharding=split),
-        "label": jax.ShapeDtypeStruct((host_batch,), jnp.int32, sharding=split),
-        "box": jax.ShapeDtypeStruct((host_batch, 4), jnp.float32, sharding=split),
-    }
-    step = jax.jit(train.make_train_step(config, model, tx, schedule, mesh),
-                   in_shardings=(replicated, split), out_shardings=(replicated, replicated), donate_argnums=0)
-    compiled = step.lower(state, batch).compile()
+    step_fns = train_step.build(config, mesh)  # the step training runs, with its shardings
+    state = step_fns.abstract_state()
+    compiled = step_fns.step.lower(state, step_fns.abstract_batch()).compile()
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -58,7 +45,7 @@ def compile_report(config) -> dict:
         "devices": mesh.size,
         "platform": jax.devices()[0].platform,
         "global_batch": config.batch_size,
-        "clean_images_per_step": host_batch,
+        "clean_images_per_step": config_lib.host_batch_size(config),
         "parameters": int(params),
         "flops_per_step": float(cost["flops"]) * mesh.size,  # cost analysis counts one device's share
         "bytes_per_device": per_device,
@@ -72,7 +59,7 @@ def _gib(n: float) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from pivot_jax import config_lib, runtime
+    from pivot_jax import errors, runtime
 
     if flags.FLAGS.devices:  # JAX reads these when its backend starts, at the first computation
         os.environ["JAX_PLATFORMS"] = "cpu"
@@ -80,8 +67,8 @@ def main(argv):
                                    + f" --xla_force_host_platform_device_count={flags.FLAGS.devices}")
     runtime.configure_cpu_defaults()
     try:
-        report = compile_report(flags.FLAGS.config)
-    except config_lib.ConfigError as error:
+        report = compile_report(runtime.config_from_flags())
+    except errors.UserError as error:
         sys.exit(f"error: {error}")
     memory = report["bytes_per_device"]
     print(f"{report['model']}: global batch {report['global_batch']} ({report['clean_images_per_step']} clean "
@@ -98,4 +85,6 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:args]).")
     flags.DEFINE_integer("devices", None, "Compile for this many fake CPU devices instead of the devices present.")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    from pivot_jax import runtime
+
+    app.run(main, flags_parser=runtime.parse_flags)

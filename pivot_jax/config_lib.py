@@ -10,22 +10,22 @@ from __future__ import annotations
 import ml_collections
 
 from pivot_jax import perturb as perturb_lib
+from pivot_jax.errors import ConfigError
 
 MODES = ("clean", "perturbed", "mixed", "pivot")
 PERTURBS = {"noise": ("noise",), "lr": ("lr",), "mr": ("mr",), "lr+mr": ("lr", "mr")}
 AUGMENTS = ("none", "cifar", "imagenet")
+# Noise far beyond the pixel range turns every image into clipped noise: a typo, not an experiment.
+MAX_SIGMA = 2.0
 MEANS = ("none", "pixel", "channel")
-# Fields that do not change the experiment: a resumed run may differ in these.
-RUN_FIELDS = (
+# Fields that do not change the experiment: a resumed run may change these (a field listed here
+# covers its sub-fields).
+FIELDS_A_RESUME_MAY_CHANGE = (
     "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
     "allow_config_change", "evals", "sweep_evals", "data.data_dir", "data.manual_dir", "data.folder",
     "data.num_threads", "data.prefetch", "data.download", "data.eval_batch_size", "data.box_file",
-    "data.test_examples",
+    "data.test_examples", "profile_steps",
 )
-
-
-class ConfigError(ValueError):
-    """A config field has a value that is not allowed."""
 
 
 def parse_arg(arg: str | None, default_perturb: str = "noise") -> dict[str, str | bool]:
@@ -61,7 +61,8 @@ def base_config(
     """
     args = parse_arg(arg, default_perturb)
     config = ml_collections.ConfigDict()
-    config.dataset = ""  # the paper's data set this experiment is about: mnist, cifar10 or imagenet
+    # Which of the paper's tables reports compare this experiment with: mnist, cifar10, imagenet or "".
+    config.paper_table = ""
     config.seed = 0
     config.num_train_steps = 9000
     config.batch_size = batch_size  # m, the rows of one forward pass over all devices
@@ -72,6 +73,8 @@ def base_config(
     config.allow_config_change = False
     # A workdir (or checkpoint directory) whose latest parameters initialise a fresh run (fine-tuning).
     config.init_from = ml_collections.FieldReference(None, field_type=str)
+    # Steps to trace with the JAX profiler (TensorBoard's profile tab), from the 10th step on; 0: none.
+    config.profile_steps = 0
     config.smoke = args["smoke"]
 
     config.data = ml_collections.ConfigDict()
@@ -197,6 +200,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     for field in ("num_train_steps", "batch_size", "log_every_steps", "eval_every_steps",
                   "checkpoint_every_steps", "keep_checkpoints"):
         _require(isinstance(c[field], int) and c[field] >= 1, field, c[field], "an int >= 1")
+    _require(isinstance(c.profile_steps, int) and c.profile_steps >= 0, "profile_steps", c.profile_steps,
+             "an int >= 0 (0: no profile)")
 
     _require(bool(c.data.name), "data.name", c.data.name, "a TFDS data set name or 'folder'")
     if c.data.name == "folder":
@@ -246,7 +251,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                  "False outside the modes 'mixed' and 'pivot'")
     if mode != "pivot":
         _require(c.loss.lam2 == 0, "loss.lam2", c.loss.lam2, f"0 in mode {mode!r} (no pivot term)")
-    _require(c.perturb.max_sigma >= 0, "perturb.max_sigma", c.perturb.max_sigma, ">= 0")
+    _require(0 <= c.perturb.max_sigma <= MAX_SIGMA, "perturb.max_sigma", c.perturb.max_sigma,
+             f">= 0 and <= {MAX_SIGMA} (pixels are in [0, 1])")
     _require(len(c.perturb.factors) > 0 and all(isinstance(f, int) and f >= 1 for f in c.perturb.factors),
              "perturb.factors", tuple(c.perturb.factors), "ints >= 1")
     _require(len(c.perturb.methods) > 0 and all(x in perturb_lib.METHODS for x in c.perturb.methods),

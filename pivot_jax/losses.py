@@ -1,4 +1,4 @@
-"""Cross-entropy and the pivot loss (Eq. 1 of DESIGN section 1)."""
+"""Cross-entropy and the pivot loss (Eq. 1 of docs/method.md)."""
 
 from __future__ import annotations
 

@@ -5,20 +5,21 @@ They run on the accelerator inside the jitted train and eval steps, so they are 
 shape-changing parameters (`factor`, `method`) are Python values; values that vary per image (`sigma`,
 `box`) may be traced.
 
-The batched `random_*` versions draw the parameters per image, as training does (DESIGN section 1),
+The batched `random_*` versions draw the parameters per image, as training does (docs/method.md),
 and `perturb_batch` applies a `PerturbSpec`: which kinds, and how many rows of each.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
-METHODS = ("nearest", "bicubic")
+from pivot_jax import conditions
+
+METHODS = conditions.METHODS
 KINDS = ("noise", "lr", "mr")
 
 
@@ -181,37 +182,11 @@ def perturb_batch(key: jax.Array, images: jax.Array, boxes: jax.Array, spec: Per
 
 
 # ---------------------------------------------------------------------------------------------
-# Fixed test-time perturbations, named as in results.json: `clean`, `noise_<sigma>`,
-# `lr<factor>_<method>`, `mr<factor>_<method>` (e.g. `noise_0.15`, `lr4_bicubic`, `mr4_nearest`).
-
-_EVAL_NAME = re.compile(r"^(?:(clean)|noise_(\d+(?:\.\d+)?)|(lr|mr)(\d+)_(nearest|bicubic))$")
-EVAL_NAME_FORMS = "'clean', 'noise_<sigma>', 'lr<factor>_<method>', 'mr<factor>_<method>'"
+# Fixed test-time perturbations, by the names of `pivot_jax.conditions`.
 
 
-@dataclasses.dataclass(frozen=True)
-class EvalPerturbation:
-    name: str
-    kind: str  # "clean", "noise", "lr" or "mr"
-    sigma: float = 0.0
-    factor: int = 1
-    method: str = "nearest"
-
-    @classmethod
-    def parse(cls, name: str) -> "EvalPerturbation":
-        match = _EVAL_NAME.match(name)
-        if not match:
-            raise ValueError(
-                f"config.evals: got {name!r}, expected a name of the form {EVAL_NAME_FORMS} "
-                "with method nearest or bicubic"
-            )
-        clean, sigma, kind, factor, method = match.groups()
-        if clean:
-            return cls(name, "clean")
-        if sigma is not None:
-            return cls(name, "noise", sigma=float(sigma))
-        if int(factor) < 1:
-            raise ValueError(f"config.evals: {name!r} has factor {factor}, expected >= 1")
-        return cls(name, kind, factor=int(factor), method=method)
+class EvalPerturbation(conditions.EvalCondition):
+    """A named test condition (`noise_0.15`, `lr4_bicubic`, ...) that can be applied to a batch."""
 
     def apply(self, keys: jax.Array, images: jax.Array, boxes: jax.Array) -> jax.Array:
         """Perturbs a batch [n, H, W, C] with one key per image, so that an example's noise does not

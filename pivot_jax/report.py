@@ -2,7 +2,7 @@
 
 Rows are training modes (runs of the same mode and perturbation with other seeds are averaged),
 columns are test conditions, and each cell shows our accuracy beside the paper's where the paper has
-that number (DESIGN section 1). Each run must have been evaluated (`eval/results.json`). Writes
+that number (docs/method.md). Each run must have been evaluated (`eval/results.json`). Writes
 `report.md` and `sweeps.png` (every run's sweep curves) into `--out`.
 """
 
@@ -16,13 +16,13 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from pivot_jax import evaluate
+from pivot_jax import results
 
 ROW_ORDER = ("Clean only", "Noisy only", "LR only", "MR only", "LR, MR only", "Clean, Noisy", "Clean, LR",
              "Clean, MR", "Clean, LR, MR", "Pivot loss (Ours)", "Pivot loss, symmetric")
 _KIND_NAMES = {"noise": "Noisy", "lr": "LR", "mr": "MR"}
 
-# The paper's test accuracies (%), by data set, row and test condition (DESIGN section 1).
+# The paper's test accuracies (%), by table, row and test condition (docs/method.md).
 PAPER = {
     "cifar10": {
         "Clean only": {"clean": 91.6, "noise_0.05": 62.4, "noise_0.15": 16.6, "lr4_nearest": 19.2, "lr4_bicubic": 19.9},
@@ -60,7 +60,8 @@ def row_label(config: dict) -> str:
 
 
 def paper_numbers(config: dict) -> dict[str, float]:
-    table = PAPER.get(config.get("dataset", ""), {})
+    # Runs saved before `paper_table` was named so call it `dataset`.
+    table = PAPER.get(config.get("paper_table", config.get("dataset", "")), {})
     label = row_label(config)
     return table.get(label) or table.get((label, "+".join(config["perturb"]["kinds"])), {})
 
@@ -71,8 +72,8 @@ def load_run(run_dir) -> dict:
         if not (run_dir / name).exists():
             raise FileNotFoundError(f"{run_dir}: no {name} (train it, then run pivot_jax.evaluate on it)")
     config = json.loads((run_dir / "config.json").read_text())
-    results = json.loads((run_dir / "eval" / "results.json").read_text())
-    return {"dir": str(run_dir), "config": config, "results": results, "row": row_label(config)}
+    run_results = json.loads((run_dir / "eval" / "results.json").read_text())
+    return {"dir": str(run_dir), "config": config, "results": run_results, "row": row_label(config)}
 
 
 def build_report(runs: list[dict], columns: list[str] | None = None, title: str = "") -> str:
@@ -114,7 +115,7 @@ def write_report(run_dirs: list[str], out_dir, columns: list[str] | None = None,
     text = build_report(runs, columns, title)
     (out_dir / "report.md").write_text(text)
     curves = {f"{r['row']} (seed {r['config']['seed']})": r["results"]["accuracy"] for r in runs}
-    evaluate.plot_sweeps(curves, out_dir / "sweeps.png")
+    results.plot_sweeps(curves, out_dir / "sweeps.png")
     return text
 
 

@@ -8,8 +8,12 @@ The flag is read only by the CPU backend; accelerators ignore it. A user's own X
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
+import sys
+
+from pivot_jax.errors import ConfigError, DistributedError, UserError
 
 CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
 
@@ -23,10 +27,6 @@ def configure_cpu_defaults() -> None:
         if name not in flags:
             flags = f"{flags} {flag}".strip()
     os.environ["XLA_FLAGS"] = flags
-
-
-class DistributedError(RuntimeError):
-    """The processes of a multi-process run could not find each other in time."""
 
 
 def _launcher() -> str | None:
@@ -128,3 +128,62 @@ def quiet_library_logs() -> None:
     from absl import logging as absl_logging
 
     absl_logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception's message on one line. Library messages can be multi-line, quoted twice, or hold
+    a whole traceback as text (then its last line, the error itself, is what counts)."""
+    text = str(error)
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        try:
+            text = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            pass
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    if "Traceback (most recent call last):" in lines:
+        last = lines[-1]
+        name, sep, message = last.partition(": ")
+        return message if sep and "." in name and " " not in name else last
+    return " ".join(lines)
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The first `UserError` in an exception's chain, else the exception itself."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, UserError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return error
+
+
+# What ml_collections raises while it loads a config file and applies `--config.<field>` overrides.
+_CONFIG_LOADING_ERRORS = (AttributeError, KeyError, OSError, TypeError, ValueError)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with one `error:` line instead of a traceback for a bad flag or config."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, UserError) as error:
+        sys.exit(f"error: {_one_line(_cause(error))}")
+    except _CONFIG_LOADING_ERRORS as error:
+        sys.exit(f"error: --config: {_one_line(_cause(error))}")
+
+
+def config_from_flags(name: str = "config"):
+    """The `--config` flag's ConfigDict. ml_collections loads the file and applies the
+    `--config.<field>` overrides on first access: a missing file or a mistyped field becomes a
+    ConfigError with the library's suggestion, on one line."""
+    from absl import flags
+
+    try:
+        config = getattr(flags.FLAGS, name)
+        config.to_dict()  # a config that failed to load raises only when it is used
+        return config
+    except UserError:
+        raise
+    except _CONFIG_LOADING_ERRORS as error:
+        raise ConfigError(f"--{name}: {_one_line(_cause(error))}") from None

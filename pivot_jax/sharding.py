@@ -14,6 +14,7 @@ DATA_AXIS = "data"
 
 
 def make_mesh(devices=None) -> Mesh:
+    """One axis, `data`, over `devices` (default: every device of every process)."""
     devices = jax.devices() if devices is None else devices
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
@@ -24,6 +25,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """The same full copy on every device (the train state, metrics)."""
     return NamedSharding(mesh, PartitionSpec())
 
 

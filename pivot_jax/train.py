@@ -1,263 +1,133 @@
 """Training with the pivot loss: `python -m pivot_jax.train --config=configs/<dataset>.py[:args] --workdir=DIR`.
 
-`train_and_evaluate(config, workdir)` reads top to bottom in stages: checks, mesh, data, model and
-optimizer, shardings, step function, checkpoint restore, evaluator, loop. Each step builds
-Algorithm 1's batch on the device (the first k clean images perturbed, then the clean ones), runs one
-forward pass over all of it (BatchNorm statistics over the whole global batch) and minimises Eq. 1.
+`train_and_evaluate(config, workdir)` reads top to bottom in stages: checks, mesh, data, model,
+optimizer and step (one factory, `pivot_jax.train_step.build`, decides the shardings), checkpoint
+restore, evaluator and reporting, loop. `main` only parses flags and calls it, so tests and notebooks
+run the same loop.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import signal
 import sys
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import app, flags, logging
-from clu import metric_writers, periodic_actions
+from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 from ml_collections import config_flags
 
-from pivot_jax import checkpoint, config_lib, evaluate, input_pipeline, losses, models, runtime, sharding
-from pivot_jax import perturb as perturb_lib
+from pivot_jax import checkpoint, config_lib, data, evaluate, results, runtime, sharding, train_step, workdirs
+from pivot_jax.errors import ConfigError, TrainingError, UserError
 
 
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    batch_stats: Any
-    opt_state: Any
-    input_mean: jax.Array  # the training split's mean, subtracted from every input (after perturbing)
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """How `train_and_evaluate` ended.
 
-    def model_state(self) -> dict:
-        return {"params": self.params, "batch_stats": self.batch_stats, "input_mean": self.input_mean}
+    `finished`: the run reached `config.num_train_steps` and `accuracy` holds the final evaluation at
+    `step`. Otherwise it stopped at `step` for preemption (a checkpoint is saved there; run the same
+    command to resume) and `accuracy` is empty: no evaluation belongs to that step.
+    """
 
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, an incompatible workdir)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Pieces the loop is built from.
-
-
-def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """SGD with momentum, coupled L2 weight decay on kernels only, piecewise-constant learning rate."""
-    boundaries = {round(b * config.num_train_steps): config.optim.lr_decay for b in config.optim.lr_boundaries}
-    schedule = optax.piecewise_constant_schedule(config.optim.learning_rate, boundaries)
-    kernels_only = lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) == "kernel", params
-    )
-    tx = optax.chain(
-        optax.add_decayed_weights(config.optim.weight_decay, mask=kernels_only),
-        optax.sgd(schedule, momentum=config.optim.momentum),
-    )
-    return tx, schedule
-
-
-def input_mean_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
-    size, channels = config.data.image_size, config.data.channels
-    return (size, size, channels) if config.data.mean == "pixel" else (channels,)
-
-
-def make_state_init(config: ml_collections.ConfigDict, model, tx):
-    """`init_state(input_mean) -> TrainState`: the model's initial variables and optimizer state."""
-    size, channels = config.data.image_size, config.data.channels
-
-    def init_state(input_mean: jax.Array) -> TrainState:
-        variables = model.init(jax.random.key(config.seed), jnp.zeros((1, size, size, channels)), train=False)
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=variables["params"],
-            batch_stats=variables["batch_stats"],
-            opt_state=tx.init(variables["params"]),
-            input_mean=input_mean,
-        )
-
-    return init_state
-
-
-def make_train_step(config: ml_collections.ConfigDict, model, tx, schedule, mesh):
-    """The train step for `config`'s mode: (state, clean batch) -> (state, metrics)."""
-    spec = config_lib.perturb_spec(config)
-    k, m, paired = spec.k, config.batch_size, config_lib.is_paired(config)
-    lam, lam2, symmetric = config.loss.lam, config.loss.lam2, config.loss.symmetric
-    perturb_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        images = batch["image"].astype(jnp.float32) / 255.0
-        labels = batch["label"]
-        if k:
-            step_key = jax.random.fold_in(perturb_key, state.step)
-            perturbed = perturb_lib.perturb_batch(step_key, images[:k], batch["box"][:k], spec)
-            if paired:  # Algorithm 1: perturbed copies first, row k + i is the twin of row i
-                images = jnp.concatenate([perturbed, images])
-                labels = jnp.concatenate([labels[:k], labels])
-            else:  # m distinct images, the first k perturbed
-                images = jnp.concatenate([perturbed, images[k:]])
-        inputs = jax.lax.with_sharding_constraint(images - state.input_mean, sharding.batch_sharding(mesh))
-
-        def loss_fn(params):
-            logits, updates = model.apply(
-                {"params": params, "batch_stats": state.batch_stats}, inputs, train=True, mutable=["batch_stats"]
-            )
-            loss, aux = losses.pivot_loss(logits, labels, k=k, lam=lam, lam2=lam2, stop_gradient=not symmetric)
-            return loss, (aux, logits, updates["batch_stats"])
-
-        grads, (aux, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = state.replace(
-            step=state.step + 1,
-            params=optax.apply_updates(state.params, updates),
-            batch_stats=batch_stats,
-            opt_state=opt_state,
-        )
-        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-        metrics = {name: aux[name] for name in ("loss", "l_org", "l_perturb")}
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        if paired:
-            metrics["l_dist"] = aux["l_dist"]
-        if k < m:
-            metrics["accuracy_clean"] = jnp.mean(correct[k:])
-        if k:
-            metrics["accuracy_perturbed"] = jnp.mean(correct[:k])
-        metrics["learning_rate"] = schedule(state.step)
-        return new_state, metrics
-
-    return train_step
-
-
-def check_workdir(workdir: epath.Path, config: ml_collections.ConfigDict) -> None:
-    """Refuses a workdir that cannot be written or whose saved config is a different experiment."""
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / f".write_probe_{jax.process_index()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise TrainingError(f"workdir: cannot write to {workdir}: {error}") from None
-    saved_path = workdir / "config.json"
-    if not saved_path.exists():
-        return
-    saved = _flatten(json.loads(saved_path.read_text()))
-    current = _flatten(json.loads(config.to_json_best_effort()))
-    ignored = lambda key: any(key == f or key.startswith(f + ".") for f in config_lib.RUN_FIELDS)
-    changed = sorted(k for k in set(saved) | set(current) if not ignored(k) and saved.get(k) != current.get(k))
-    if changed and not config.allow_config_change:
-        details = "; ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:10])
-        raise TrainingError(
-            f"workdir {workdir} holds a run with another config ({details}). Use another --workdir, "
-            "or resume it anyway with --config.allow_config_change=True."
-        )
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _write_config(workdir: epath.Path, config: ml_collections.ConfigDict, step: int) -> None:
-    path = workdir / "config.json"
-    if path.exists() and path.read_text() != config.to_json_best_effort(indent=2):
-        path.rename(workdir / f"config.before_step_{step}.json")  # keep what the run was
-    path.write_text(config.to_json_best_effort(indent=2))
+    step: int
+    finished: bool
+    accuracy: dict[str, float]
 
 
 class _Preemption:
-    """Notes SIGTERM so that the loop saves a checkpoint and exits between steps."""
+    """Tells the loop when to save and stop because the run is being preempted (SIGTERM).
 
-    def __init__(self):
+    One process: a Python SIGTERM handler. Several processes: JAX's preemption sync manager, which
+    `jax.distributed.initialize` starts, catches SIGTERM itself, tells every process, and they agree on
+    the step at which all of them save (`CheckpointManager.reached_preemption`). A Python handler there
+    would replace JAX's, so that processes stop at different steps and hang in a collective.
+    """
+
+    def __init__(self, mngr):
+        self.mngr = mngr
         self.requested = False
-        try:
-            signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. a notebook's worker): rely on Orbax alone
-            pass
+        if jax.process_count() == 1:
+            try:
+                signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not the main thread (e.g. a notebook's worker): rely on Orbax alone
+                pass
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM: saving a checkpoint and stopping after this step.")
         self.requested = True
 
+    def reached(self, step: int) -> bool:
+        """Whether to save and stop after `step`; every process must ask at every step."""
+        return self.mngr.reached_preemption(step) or self.requested
 
-# ---------------------------------------------------------------------------------------------
 
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains (or resumes) the run in `workdir`; returns the final test accuracies."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
+    """Trains (or resumes) the run in `workdir`; returns how it ended, with the final test accuracies."""
     # Checks, before any data is read or any computation starts.
     mesh = sharding.make_mesh()
     config_lib.validate(config, num_devices=mesh.size)
     workdir = epath.Path(workdir)
-    check_workdir(workdir, config)
+    workdirs.check(workdir, config)
     is_main = jax.process_index() == 0
     host_batch = config_lib.host_batch_size(config)
 
-    # Data.
-    train_split = input_pipeline.open_split(config.data, config.data.train_split)
-    test_split = input_pipeline.open_split(config.data, config.data.test_split, use_box_file=True)
+    # Data: the class list comes from the training split and is saved with the run.
+    train_split = data.open_split(config.data, config.data.train_split)
     if train_split.num_classes != config.data.num_classes:
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"config.data.num_classes: got {config.data.num_classes}, the data set has {train_split.num_classes}"
         )
-    train_data = input_pipeline.train_dataset(train_split, config.data, host_batch, config.seed)
-    train_iter = iter(train_data)
+    saved_classes = workdirs.saved_class_names(workdir)
+    if saved_classes is not None and saved_classes != train_split.class_names:
+        raise TrainingError(
+            f"workdir {workdir} was trained with other classes ({workdir / 'classes.json'}); the training split "
+            f"now has {list(train_split.class_names)[:10]}. Use another --workdir or restore the data."
+        )
+    test_split = data.open_split(config.data, config.data.test_split, use_box_file=True,
+                                 class_names=train_split.class_names)
+    train_iter = iter(data.train_dataset(train_split, config.data, host_batch, config.seed))
 
-    # Model and optimizer.
-    model = models.get_model(config.model.name, num_classes=config.data.num_classes, dtype=config.model.dtype)
-    tx, schedule = make_optimizer(config)
-    init_state = make_state_init(config, model, tx)
-
-    # Shardings: the state is replicated, batches are split over all devices.
-    state_sharding = sharding.replicated(mesh)
-    batch_sharding = sharding.batch_sharding(mesh)
-
-    # Step function: jitted once with explicit shardings; the old state is donated.
-    train_step = jax.jit(
-        make_train_step(config, model, tx, schedule, mesh),
-        in_shardings=(state_sharding, batch_sharding),
-        out_shardings=(state_sharding, state_sharding),
-        donate_argnums=0,
-    )
+    # Model, optimizer, shardings and the jitted step (state replicated, batches split, state donated).
+    step_fns = train_step.build(config, mesh)
 
     # Checkpoint restore (or a fresh start, possibly from another run's model).
     mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
     latest = mngr.latest_step()
     if latest is not None:
-        abstract = jax.eval_shape(init_state, jax.ShapeDtypeStruct(input_mean_shape(config), jnp.float32))
-        state = checkpoint.restore(mngr, latest, abstract, state_sharding, train_iter)
+        state = checkpoint.restore(mngr, latest, step_fns.abstract_state(), step_fns.state_sharding, train_iter)
         logging.info("Resumed from step %d of %s.", latest, workdir)
     else:
-        mean = input_pipeline.input_mean(train_split, config.data, config.data.mean_examples)
-        state = jax.jit(init_state, out_shardings=state_sharding)(jnp.asarray(mean))
+        mean = data.input_mean(train_split, config.data, config.data.mean_examples)
+        state = step_fns.init_state(jnp.asarray(mean))
         if config.init_from:
-            restored, from_step = checkpoint.restore_model(config.init_from, state.model_state(), state_sharding)
+            restored, from_step = checkpoint.restore_model(config.init_from, state.model_state(),
+                                                           step_fns.state_sharding)
             state = state.replace(**restored)
             logging.info("Initialised the model from step %d of %s.", from_step, config.init_from)
     initial_step = int(state.step)
     if is_main:
-        _write_config(workdir, config, initial_step)
+        workdirs.write_config(workdir, config, initial_step)
+        workdirs.save_class_names(workdir, train_split.class_names)
+        parameter_overview.log_parameter_overview(state.params, msg=f"{config.model.name} parameters")
 
     # Evaluator and reporting.
-    evaluator = evaluate.Evaluator(config, test_split, model, mesh)
+    evaluator = evaluate.Evaluator(config, test_split, step_fns.model, mesh)
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_main, asynchronous=True)
     if initial_step == 0:
-        writer.write_hparams({k: v for k, v in _flatten(json.loads(config.to_json_best_effort())).items()
-                              if isinstance(v, (int, float, str, bool))})
+        writer.write_hparams(config.to_dict())  # CLU flattens nested fields and sequences
     report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer)
-    preemption = _Preemption()
+    periodic = [report_progress]
+    if config.profile_steps and is_main:
+        periodic.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
+                                                 profile_duration_ms=None, first_profile=initial_step + 10,
+                                                 every_secs=None))
+    preemption = _Preemption(mngr)
     pending_metrics: list[dict] = []
-    accuracy: dict[str, float] = {}
 
     def flush_metrics(step: int) -> None:
         """Averages the metrics since the last flush; stops on a non-finite loss or gradient.
@@ -272,18 +142,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         summary = {name: float(np.mean([m[name] for m in host])) for name in host[0]}
         bad = [name for name in ("loss", "grad_norm") if not all(np.isfinite(m[name]) for m in host)]
         if bad:
+            good = mngr.latest_step()
+            kept = (f"the last good checkpoint (step {good}) is kept in {checkpoint.checkpoint_dir(workdir)}"
+                    if good is not None else "no checkpoint had been saved yet")
             raise TrainingError(
                 f"non-finite {' and '.join(bad)} by step {step} (loss {summary['loss']}, gradient norm "
-                f"{summary['grad_norm']}); the last good checkpoint is kept in {checkpoint.checkpoint_dir(workdir)}. "
+                f"{summary['grad_norm']}); {kept}. "
                 "Lower config.optim.learning_rate, try config.loss.symmetric=True, or check the data."
             )
         writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
 
     def run_evaluation(step: int) -> tuple[dict[str, float], int]:
         with report_progress.timed("eval"):
-            result, num_examples = evaluator(state.model_state())
-        writer.write_scalars(step, {f"eval/{name}": value for name, value in result.items()})
-        return result, num_examples
+            accuracy, num_examples = evaluator(state.model_state())
+        writer.write_scalars(step, {f"eval/{name}": value for name, value in accuracy.items()})
+        return accuracy, num_examples
 
     def save_checkpoint(step: int) -> None:
         flush_metrics(step)  # never save a state whose loss or gradient went non-finite
@@ -297,22 +170,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
         while step < config.num_train_steps:
             batch = sharding.global_batch(next(train_iter), mesh)
-            state, metrics = train_step(state, batch)
+            state, metrics = step_fns.step(state, batch)
             step += 1
             pending_metrics.append(metrics)
-            report_progress(step)
+            for action in periodic:
+                action(step)
             if step % config.log_every_steps == 0:
                 flush_metrics(step)
             if step % config.eval_every_steps == 0 and step < config.num_train_steps:
-                accuracy, _ = run_evaluation(step)
+                run_evaluation(step)
             if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
                 save_checkpoint(step)
-            if preemption.requested or mngr.reached_preemption(step):
+            if step < config.num_train_steps and preemption.reached(step):
                 if mngr.latest_step() != step:
                     save_checkpoint(step)
                 mngr.wait_until_finished()
                 logging.warning("Stopped at step %d for preemption; run the same command to resume.", step)
-                return accuracy
+                return RunResult(step=step, finished=False, accuracy={})
         flush_metrics(step)
         if mngr.latest_step() != step:
             save_checkpoint(step)
@@ -322,9 +196,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         mngr.close()
         writer.flush()
     if is_main:
-        table = evaluate.write_results(workdir / "eval", step, accuracy, num_examples, test_split.box_source)
+        _, table = results.write_results(workdir / "eval", step, accuracy, num_examples, test_split.box_source)
         print(f"\nTest accuracy (%) at step {step} ({workdir}):\n{table}\n", flush=True)
-    return accuracy
+    return RunResult(step=step, finished=True, accuracy=accuracy)
 
 
 def main(argv):
@@ -334,9 +208,8 @@ def main(argv):
     runtime.quiet_library_logs()
     try:
         runtime.initialize_from_flags()
-        train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-    except (config_lib.ConfigError, input_pipeline.DataError, checkpoint.CheckpointError, TrainingError,
-            runtime.DistributedError) as error:
+        train_and_evaluate(runtime.config_from_flags(), flags.FLAGS.workdir)
+    except UserError as error:
         sys.exit(f"error: {error}")
 
 
@@ -346,4 +219,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
     runtime.define_distributed_flags()
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=runtime.parse_flags)

@@ -5,6 +5,7 @@ import os
 import pathlib
 import shutil
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -63,6 +64,48 @@ def test_two_process_checkpoint_evaluates_in_one_process(two_process_run, mnist_
     result = evaluate.evaluate_checkpoint(config, str(root / "two"))
     assert result["step"] == 12 and result["num_examples"] == config.data.test_examples
     assert 0 <= result["accuracy"]["clean"] <= 1
+
+
+@pytest.mark.parametrize("target,port", [("every process", 12394), ("process 1 only", 12395)])
+def test_sigterm_stops_every_process_at_one_step_and_the_run_resumes(mnist_data_dir, tmp_path, target, port):
+    """Preemption of a 2-process run: JAX's preemption sync manager tells both processes, they save
+    the same step and exit cleanly (also when only one of them got the signal), and the rerun resumes."""
+    command = ["bash", str(LAUNCH / "local" / "run.sh"), "--processes", "2", "--devices", "1", "--port", str(port),
+               "--", sys.executable, "-m", "pivot_jax.train", *smoke_args(tmp_path, mnist_data_dir),
+               "--config.num_train_steps=3000", "--config.checkpoint_every_steps=10000",
+               "--config.eval_every_steps=10000", "--config.log_every_steps=10000", "--distributed_timeout=120"]
+    launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not list(tmp_path.glob("events.out.tfevents.*")) and time.time() < deadline and launcher.poll() is None:
+        time.sleep(0.2)
+    time.sleep(4)  # some steps into training
+    assert launcher.poll() is None, launcher.communicate()[0][-4000:]
+    if target == "every process":
+        launcher.send_signal(signal.SIGTERM)  # run.sh passes it on to both processes
+    else:
+        found = subprocess.run(["pgrep", "-f", f"workdir={tmp_path} .*--process_id=1"], capture_output=True, text=True)
+        (pid,) = found.stdout.split()
+        os.kill(int(pid), signal.SIGTERM)
+    output, _ = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, output[-4000:]
+    stops = {line[:3]: line.split("Stopped at step ")[1].split()[0] for line in output.splitlines()
+             if "Stopped at step" in line}
+    assert set(stops) == {"[0]", "[1]"} and len(set(stops.values())) == 1, output[-4000:]
+    stopped = int(stops["[0]"])
+    assert 0 < stopped < 3000 and checkpoint.manager(tmp_path, read_only=True).latest_step() == stopped
+
+    # The same command resumes from there; it is preempted again, a few steps later.
+    rerun = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while len(list(tmp_path.glob("events.out.tfevents.*"))) < 2 and time.time() < deadline and rerun.poll() is None:
+        time.sleep(0.2)
+    time.sleep(4)
+    rerun.send_signal(signal.SIGTERM)
+    output, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, output[-4000:]
+    assert "[0] " in output and "[1] " in output
+    assert f"Resumed from step {stopped}" in output
+    assert checkpoint.manager(tmp_path, read_only=True).latest_step() > stopped
 
 
 def test_missing_coordinator_ends_with_a_clear_error(mnist_data_dir, tmp_path):

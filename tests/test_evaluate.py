@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import CONFIGS, REPO, run_train
-from pivot_jax import checkpoint, config_lib, evaluate, input_pipeline, models, report
+from pivot_jax import checkpoint, config_lib, data, evaluate, models, report
 
 EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
@@ -68,7 +68,7 @@ def test_accuracy_equals_a_direct_computation(trained_on_eight, mnist_config):
     result = evaluate.evaluate_checkpoint(config, str(workdir))
 
     _, state = checkpoint.saved_state(workdir)
-    split = input_pipeline.open_split(config.data, "test")
+    split = data.open_split(config.data, "test")
     images = split.source.images[:300].astype(np.float32) / 255.0
     labels = split.source.labels[:300]
     lr = np.repeat(np.repeat(images[:, ::4, ::4], 4, 1), 4, 2)
@@ -93,7 +93,7 @@ def test_evaluation_errors(trained_on_eight, mnist_config, tmp_path):
         evaluate.evaluate_checkpoint(other_model, str(workdir))
     unreadable = smoke_config(mnist_config)
     unreadable.data.box_file = str(tmp_path / "missing.csv")
-    with pytest.raises(input_pipeline.DataError, match="config.data.box_file: cannot read"):
+    with pytest.raises(data.DataError, match="config.data.box_file: cannot read"):
         evaluate.evaluate_checkpoint(unreadable, str(workdir))
 
 

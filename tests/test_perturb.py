@@ -1,4 +1,4 @@
-"""The perturbations of DESIGN section 1, each against an independent reference."""
+"""The perturbations of docs/method.md, each against an independent reference."""
 
 import jax
 import jax.numpy as jnp

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import CONFIGS, REPO, run_train
-from pivot_jax import checkpoint, config_lib, input_pipeline, train
+from pivot_jax import checkpoint, config_lib, data, train, workdirs
+from pivot_jax.data import tfds_prepare
 
 EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
@@ -40,7 +41,7 @@ def logged_scalars(workdir, tag):
 def test_smoke_trains_end_to_end(mnist_config, tmp_path):
     config = mnist_config("mode=pivot,perturb=noise,smoke")
     start = time.time()
-    accuracy = train.train_and_evaluate(config, str(tmp_path))
+    accuracy = train.train_and_evaluate(config, str(tmp_path)).accuracy
     assert time.time() - start < 60
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["step"] == config.num_train_steps
@@ -75,7 +76,7 @@ def test_cifar10_jpeg_folder_smoke(cifar_folder, config_path, tmp_path):
     config = config_lib.load_config(config_path("cifar10") + ":mode=pivot,perturb=lr+mr,smoke")
     config.data.name, config.data.folder = "folder", cifar_folder
     config.num_train_steps = config.checkpoint_every_steps = config.eval_every_steps = 4
-    accuracy = train.train_and_evaluate(config, str(tmp_path))
+    accuracy = train.train_and_evaluate(config, str(tmp_path)).accuracy
     assert set(accuracy) == set(config.evals)
     _, state = checkpoint.saved_state(tmp_path)
     mean = np.asarray(state["input_mean"])
@@ -90,7 +91,7 @@ def test_short_pivot_run_is_accurate_and_robust(mnist_config, tmp_path):
     config = mnist_config("mode=pivot,perturb=noise")
     config.num_train_steps = 400
     config.eval_every_steps = config.checkpoint_every_steps = 400
-    accuracy = train.train_and_evaluate(config, str(tmp_path))
+    accuracy = train.train_and_evaluate(config, str(tmp_path)).accuracy
     assert accuracy["clean"] >= 0.97, accuracy
     assert accuracy["noise_0.15"] >= 0.90, accuracy
 
@@ -172,14 +173,14 @@ def test_eight_devices_match_one(mnist_data_dir, tmp_path):
 def test_unknown_data_set(mnist_config, tmp_path):
     config = mnist_config()
     config.data.name = "no_such_data_set"
-    with pytest.raises(input_pipeline.DataError, match="config.data.name: 'no_such_data_set'"):
+    with pytest.raises(data.DataError, match="config.data.name: 'no_such_data_set'"):
         train.train_and_evaluate(config, str(tmp_path))
 
 
 def test_data_not_prepared_says_how_to_prepare_offline(mnist_config, tmp_path):
     config = mnist_config()
     config.data.data_dir = str(tmp_path / "empty")
-    with pytest.raises(input_pipeline.DataError) as error:
+    with pytest.raises(data.DataError) as error:
         train.train_and_evaluate(config, str(tmp_path / "work"))
     message = str(error.value)
     assert "not prepared" in message and str(tmp_path / "empty" / "downloads" / "manual") in message
@@ -187,7 +188,7 @@ def test_data_not_prepared_says_how_to_prepare_offline(mnist_config, tmp_path):
 
 def test_no_network_is_detected_quickly():
     start = time.time()
-    assert not input_pipeline.network_reachable("127.0.0.1", 9, timeout=5)  # nothing listens on port 9
+    assert not tfds_prepare.network_reachable("127.0.0.1", 9, timeout=5)  # nothing listens on port 9
     assert time.time() - start < 5
 
 
@@ -227,7 +228,7 @@ def test_incompatible_resume_is_refused_and_nothing_is_overwritten(mnist_config,
     harmless = mnist_config()
     harmless.log_every_steps = 3
     harmless.data.eval_batch_size = 64
-    train.check_workdir(pathlib.Path(tmp_path), harmless)
+    workdirs.check(pathlib.Path(tmp_path), harmless)
 
 
 def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(mnist_config, tmp_path):

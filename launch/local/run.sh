@@ -5,7 +5,8 @@
 #   launch/local/run.sh [--dry-run] [--processes N] [--devices D] [--port P] -- \
 #       python -m pivot_jax.train --config=configs/mnist.py:smoke --workdir=/tmp/run
 #
-# Output lines are prefixed with the process index. Exits non-zero if any process fails.
+# Output lines are prefixed with the process index. Exits non-zero if any process fails. SIGTERM or
+# SIGINT to this script is passed on to every process, as a cluster's preemption notice would be.
 set -euo pipefail
 
 processes=2
@@ -41,8 +42,20 @@ for ((i = 0; i < processes; i++)); do
   fi
 done
 
+# shellcheck disable=SC2329  # called by the traps below
+forward() {
+  kill -s "$1" "${pids[@]}" 2>/dev/null || true
+}
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+
 status=0
 for pid in "${pids[@]}"; do
-  wait "$pid" || status=$?
+  while true; do
+    wait "$pid" && code=0 || code=$?
+    # A trapped signal ends `wait` early while the process still runs: wait for it again.
+    kill -0 "$pid" 2>/dev/null || break
+  done
+  [[ "$code" == 0 ]] || status="$code"
 done
 exit "$status"

@@ -15,6 +15,8 @@ DEPTHS = (8, 20, 32, 44, 56, 110)  # 8: the smoke configs' tiny model
 
 
 class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with BatchNorm and a parameter-free shortcut (option A)."""
+
     channels: int
     strides: int
     conv: Any
@@ -36,6 +38,8 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
+    """ResNet-`depth` for 32x32 (or 28x28) inputs: `depth` = 6n + 2, n blocks per stage; logits in float32."""
+
     depth: int
     num_classes: int
     dtype: Any = jnp.float32

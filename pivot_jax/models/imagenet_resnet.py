@@ -15,6 +15,8 @@ STAGES = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottle
 
 
 class ResidualBlock(nn.Module):
+    """A basic (two 3x3) or bottleneck (1x1, 3x3, 1x1 x4) block with a projection shortcut where needed."""
+
     channels: int
     strides: int
     bottleneck: bool
@@ -39,6 +41,8 @@ class ResidualBlock(nn.Module):
 
 
 class ResNet(nn.Module):
+    """ImageNet ResNet-18/34/50: a 7x7 stem, max pooling, four stages; logits in float32."""
+
     depth: int
     num_classes: int
     dtype: Any = jnp.float32

@@ -1,4 +1,4 @@
-"""The input pipeline: deterministic, resumable, sharded by process, padded for evaluation."""
+"""The input pipeline (pivot_jax.data): deterministic, resumable, sharded by process, padded for evaluation."""
 
 import pathlib
 import shutil
@@ -8,7 +8,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from pivot_jax import config_lib, input_pipeline
+from pivot_jax import config_lib, data
+from pivot_jax.data import augment
 from conftest import CONFIGS
 
 
@@ -23,7 +24,7 @@ def toy_split(n=20, size=8, channels=1):
     # Every pixel of image i holds i, so a batch row says which example it is.
     images = np.repeat(np.arange(n, dtype=np.uint8), size * size * channels).reshape(n, size, size, channels)
     boxes = np.tile(np.asarray([[0.25, 0.25, 0.75, 0.75]], np.float32), (n, 1))
-    return input_pipeline.Split(input_pipeline.ArraySource(images, np.arange(n) % 10, boxes), n, 10, "test")
+    return data.Split(data.ArraySource(images, np.arange(n) % 10, boxes), n, 10, "test")
 
 
 def example_ids(batch):
@@ -37,9 +38,9 @@ def take(dataset, count):
 
 def test_training_batches_are_a_function_of_seed_and_step():
     split, config = toy_split(), data_config()
-    a = [example_ids(b) for b in take(input_pipeline.train_dataset(split, config, 5, seed=1), 8)]
-    b = [example_ids(b) for b in take(input_pipeline.train_dataset(split, config, 5, seed=1), 8)]
-    c = [example_ids(b) for b in take(input_pipeline.train_dataset(split, config, 5, seed=2), 8)]
+    a = [example_ids(b) for b in take(data.train_dataset(split, config, 5, seed=1), 8)]
+    b = [example_ids(b) for b in take(data.train_dataset(split, config, 5, seed=1), 8)]
+    c = [example_ids(b) for b in take(data.train_dataset(split, config, 5, seed=2), 8)]
     assert a == b and a != c
     first_epoch, second_epoch = sum(a[:4], []), sum(a[4:], [])
     assert sorted(first_epoch) == sorted(second_epoch) == list(range(20))  # each epoch: every example once
@@ -48,12 +49,12 @@ def test_training_batches_are_a_function_of_seed_and_step():
 
 def test_iterator_state_resumes_exactly():
     split, config = toy_split(), data_config("cifar")
-    iterator = iter(input_pipeline.train_dataset(split, config, 4, seed=0))
+    iterator = iter(data.train_dataset(split, config, 4, seed=0))
     for _ in range(7):
         next(iterator)
     state = iterator.get_state()
     expected = [next(iterator) for _ in range(3)]
-    resumed = iter(input_pipeline.train_dataset(split, config, 4, seed=0))
+    resumed = iter(data.train_dataset(split, config, 4, seed=0))
     resumed.set_state(state)
     for want, got in zip(expected, [next(resumed) for _ in range(3)]):
         for key in want:
@@ -62,12 +63,12 @@ def test_iterator_state_resumes_exactly():
 
 def test_processes_read_disjoint_rows_of_the_same_global_batch(monkeypatch):
     split, config = toy_split(), data_config("cifar")
-    whole = take(input_pipeline.train_dataset(split, config, 6, seed=3), 5)
+    whole = take(data.train_dataset(split, config, 6, seed=3), 5)
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     parts = []
     for index in range(2):
         monkeypatch.setattr(jax, "process_index", lambda index=index: index)
-        parts.append(take(input_pipeline.train_dataset(split, config, 6, seed=3), 5))
+        parts.append(take(data.train_dataset(split, config, 6, seed=3), 5))
     for step in range(5):
         for key in ("image", "label", "box"):
             np.testing.assert_array_equal(
@@ -81,14 +82,14 @@ def test_evaluation_pads_and_masks_without_dropping(monkeypatch, processes):
     seen = []
     for index in range(processes):
         monkeypatch.setattr(jax, "process_index", lambda index=index: index)
-        dataset, count = input_pipeline.eval_dataset(split, config, global_batch=8)
+        dataset, count = data.eval_dataset(split, config, global_batch=8)
         assert count == 23
         for batch in dataset:
             assert len(batch["mask"]) == 8 // processes
             seen += [(int(i), example) for i, m, example in zip(batch["index"], batch["mask"], example_ids(batch)) if m]
     assert sorted(seen) == [(i, i) for i in range(23)]  # every example once, in its own row
     if processes == 1:
-        dataset, count = input_pipeline.eval_dataset(split, config, global_batch=8, limit=10)
+        dataset, count = data.eval_dataset(split, config, global_batch=8, limit=10)
         assert count == 10 and sum(float(b["mask"].sum()) for b in dataset) == 10
 
 
@@ -96,7 +97,7 @@ def test_cifar_augmentation_moves_the_box_with_the_pixels():
     image = np.zeros((32, 32, 3), np.uint8)
     image[8:24, 4:16] = 255  # the box (0.25, 0.125, 0.75, 0.5) painted white
     example = {"image": image, "label": np.int32(0), "box": np.asarray([0.25, 0.125, 0.75, 0.5], np.float32)}
-    transform = input_pipeline.TrainTransform(data_config("cifar", 32, 3))
+    transform = augment.TrainTransform(data_config("cifar", 32, 3))
     flips = 0
     for seed in range(40):
         out = transform.random_map(example, np.random.default_rng(seed))
@@ -114,31 +115,32 @@ def test_imagenet_augmentation_output_size():
     example = {"image": rng.integers(0, 255, (60, 90, 3), dtype=np.uint8), "label": np.int32(1),
                "box": np.asarray([0.1, 0.1, 0.9, 0.9], np.float32)}
     config = data_config("imagenet", 24, 3)
-    out = input_pipeline.TrainTransform(config).random_map(example, rng)
+    out = augment.TrainTransform(config).random_map(example, rng)
     assert out["image"].shape == (24, 24, 3) and out["image"].dtype == np.uint8
     assert np.all((0 <= out["box"]) & (out["box"] <= 1))
-    assert input_pipeline.EvalTransform(config).map(example)["image"].shape == (24, 24, 3)
+    assert augment.EvalTransform(config).map(example)["image"].shape == (24, 24, 3)
 
 
 def test_mean_matches_numpy():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (50, 4, 4, 3), dtype=np.uint8)
-    split = input_pipeline.Split(input_pipeline.ArraySource(images, np.zeros(50), np.zeros((50, 4))), 50, 10, "")
+    split = data.Split(data.ArraySource(images, np.zeros(50), np.zeros((50, 4))), 50, 10, "")
     config = data_config(size=4, channels=3)
     config.mean = "pixel"
-    np.testing.assert_allclose(input_pipeline.input_mean(split, config), images.mean(0) / 255, rtol=1e-6)
+    np.testing.assert_allclose(data.input_mean(split, config), images.mean(0) / 255, rtol=1e-6)
     config.mean = "channel"
-    np.testing.assert_allclose(input_pipeline.input_mean(split, config), images.mean((0, 1, 2)) / 255, rtol=1e-6)
+    np.testing.assert_allclose(data.input_mean(split, config), images.mean((0, 1, 2)) / 255, rtol=1e-6)
 
 
 @pytest.fixture
 def small_folder(cifar_folder, tmp_path):
-    """Three classes x four test images of the CIFAR-10 JPEG copy."""
-    for name in ("cat", "dog", "airplane"):
-        target = tmp_path / "test" / name
-        target.mkdir(parents=True)
-        for path in sorted((pathlib.Path(cifar_folder) / "test" / name).iterdir())[:4]:
-            shutil.copy(path, target / path.name)
+    """Three classes x four test images (and two training images) of the CIFAR-10 JPEG copy."""
+    for split, count in (("test", 4), ("train", 2)):
+        for name in ("cat", "dog", "airplane"):
+            target = tmp_path / split / name
+            target.mkdir(parents=True)
+            for path in sorted((pathlib.Path(cifar_folder) / split / name).iterdir())[:count]:
+                shutil.copy(path, target / path.name)
     return tmp_path
 
 
@@ -154,7 +156,7 @@ def test_folder_source_labels_and_boxes(small_folder):
     first = sorted((small_folder / "test" / "cat").iterdir())[0].name
     box_file = small_folder / "boxes.csv"
     box_file.write_text(f"example_id,ymin,xmin,ymax,xmax\ncat/{first},0.1,0.2,0.3,0.4\n")
-    split = input_pipeline.open_split(folder_config(small_folder, box_file=str(box_file)), "test",
+    split = data.open_split(folder_config(small_folder, box_file=str(box_file)), "test",
                                       use_box_file=True)
     assert split.num_examples == 12 and split.num_classes == 3
     assert split.source.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4  # airplane, cat, dog
@@ -162,7 +164,7 @@ def test_folder_source_labels_and_boxes(small_folder):
     np.testing.assert_allclose(split.source.boxes[4], [0.1, 0.2, 0.3, 0.4])
     np.testing.assert_allclose(split.source.boxes[0], [0.25, 0.25, 0.75, 0.75])
     assert "box file" in split.box_source and "11 examples without a box" in split.box_source
-    plain = input_pipeline.open_split(folder_config(small_folder, box_file=str(box_file)), "test")
+    plain = data.open_split(folder_config(small_folder, box_file=str(box_file)), "test")
     assert plain.box_source.startswith("default")  # the box file is for evaluation only
 
 
@@ -173,12 +175,12 @@ def test_bad_box_file(small_folder, content, expected):
     box_file = small_folder / "boxes.csv"
     if content is not None:
         box_file.write_text(content)
-    with pytest.raises(input_pipeline.DataError, match=expected):
-        input_pipeline.open_split(folder_config(small_folder, box_file=str(box_file)), "test", use_box_file=True)
+    with pytest.raises(data.DataError, match=expected):
+        data.open_split(folder_config(small_folder, box_file=str(box_file)), "test", use_box_file=True)
 
 
 def test_folder_errors(small_folder):
-    with pytest.raises(input_pipeline.DataError, match="is not a directory"):
-        input_pipeline.open_split(folder_config(small_folder), "train")
-    with pytest.raises(input_pipeline.DataError, match="config.data.image_size"):
-        input_pipeline.open_split(folder_config(small_folder, image_size=28), "test")
+    with pytest.raises(data.DataError, match="is not a directory"):
+        data.open_split(folder_config(small_folder), "validation")
+    with pytest.raises(data.DataError, match="config.data.image_size"):
+        data.open_split(folder_config(small_folder, image_size=28), "test")

@@ -1,0 +1,95 @@
+"""TFDS data sets, prepared in the array_record format (random access), offline where possible.
+
+A data set that is not prepared yet is prepared from `<data_dir>/downloads/manual/` when the user put
+its original files there, else downloaded. Before a download, the host the data set's own URLs name
+(or the proxy that would carry the request) is probed, so a machine without network gets a clear
+error in seconds instead of TFDS's retries; TFDS's own errors are wrapped the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import urllib.parse
+import urllib.request
+
+import ml_collections
+
+from pivot_jax.errors import DataError
+
+PROBE_TIMEOUT_SECONDS = 10.0
+
+
+def network_reachable(host: str, port: int, timeout: float = PROBE_TIMEOUT_SECONDS) -> bool:
+    """Whether a TCP connection to `host:port` opens within `timeout` seconds."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def download_endpoint(urls) -> tuple[str, int] | None:
+    """(host, port) a download of `urls` first connects to: the scheme's proxy where one is set
+    (and the host is not in no_proxy), else the first URL's host. None without URLs."""
+    urls = list(urls)
+    if not urls:
+        return None
+    url = urllib.parse.urlsplit(urls[0])
+    default_port = 443 if url.scheme == "https" else 80
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        proxy_url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        return proxy_url.hostname, proxy_url.port or (443 if proxy_url.scheme == "https" else 80)
+    return url.hostname, url.port or default_port
+
+
+def builder(data: ml_collections.ConfigDict):
+    """The prepared TFDS builder of `config.data`; prepares it (offline from the manual dir) if needed."""
+    import tensorflow_datasets as tfds
+
+    data_dir = data.data_dir or os.environ.get("TFDS_DATA_DIR")
+    try:
+        dataset = tfds.builder(data.name, data_dir=data_dir, file_format="array_record")
+    except tfds.core.registered.DatasetNotFoundError as error:
+        raise DataError(
+            f"config.data.name: {data.name!r} is not a TFDS data set ({str(error).splitlines()[0]}); "
+            "use a TFDS name or 'folder' with config.data.folder"
+        ) from None
+    manual_dir = pathlib.Path(data.manual_dir or pathlib.Path(dataset.data_dir_root) / "downloads" / "manual")
+    how_offline = (
+        f"To prepare it offline, put the data set's original files in {manual_dir} (or point "
+        f"--config.data.manual_dir at them) and run again: TFDS then prepares it without the network."
+    )
+    if dataset.is_prepared():
+        if dataset.info.file_format is not None and dataset.info.file_format.value != "array_record":
+            raise DataError(
+                f"{data.name} is prepared in {dataset.data_dir} as {dataset.info.file_format.value}; "
+                "random access needs array_record. Convert it with `tfds convert_format "
+                f"--dataset_version_dir={dataset.data_dir} --out_file_format=array_record`, or prepare "
+                "it again in another --config.data.data_dir."
+            )
+        return dataset
+    has_manual = manual_dir.is_dir() and any(manual_dir.iterdir())
+    if not has_manual:
+        if not data.download:
+            raise DataError(
+                f"{data.name} is not prepared in {dataset.data_dir} and config.data.download is False. "
+                + how_offline
+            )
+        endpoint = download_endpoint(getattr(dataset, "url_infos", None) or {})
+        if endpoint is not None and not network_reachable(*endpoint):
+            raise DataError(
+                f"{data.name} is not prepared in {dataset.data_dir} and cannot be downloaded: "
+                f"{endpoint[0]}:{endpoint[1]} is unreachable. " + how_offline
+            )
+    try:
+        dataset.download_and_prepare(
+            file_format="array_record",
+            download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)),
+        )
+    except Exception as error:  # TFDS raises many kinds; all mean the same to the user
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise DataError(f"preparing {data.name} in {dataset.data_dir} failed: {first_line}. " + how_offline) from None
+    return dataset

@@ -1,0 +1,119 @@
+"""Results files: `results.json`, the Markdown table and the sweep plots (no JAX here).
+
+`results.json` is `{"step": int, "accuracy": {name: float in [0, 1]}, "num_examples": {name: int},
+"mr_boxes": str}` (docs/method.md, "Interfaces"). Files are written atomically (a temporary file, then
+a rename), and the results of a step never replace those of a later step: an evaluation of an older
+checkpoint that finishes after a newer one goes to `step_<step>/` beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import logging
+from etils import epath
+
+from pivot_jax import conditions
+
+
+def markdown_table(accuracy: dict[str, float]) -> str:
+    """One header row of test conditions and one row of accuracies in %."""
+    names = list(accuracy)
+    return "\n".join([
+        "| " + " | ".join(names) + " |",
+        "|" + "---|" * len(names),
+        "| " + " | ".join(f"{100 * accuracy[n]:.2f}" for n in names) + " |",
+    ])
+
+
+def write_atomically(path, text: str) -> None:
+    """`path` holds either its old content or `text`, never a part of it."""
+    path = epath.Path(path)
+    temporary = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
+def read_results(eval_dir) -> dict | None:
+    """The `results.json` in `eval_dir`, or None where there is none (or it cannot be parsed)."""
+    path = epath.Path(eval_dir) / "results.json"
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def results_dir(eval_dir, step: int) -> epath.Path:
+    """Where the results of `step` go: `eval_dir`, unless it holds those of a later step."""
+    eval_dir = epath.Path(eval_dir)
+    existing = read_results(eval_dir)
+    if existing is not None and int(existing.get("step", -1)) > step:
+        return eval_dir / f"step_{step}"
+    return eval_dir
+
+
+def write_results(eval_dir, step: int, accuracy: dict[str, float], num_examples: int,
+                  box_source: str) -> tuple[epath.Path, str]:
+    """Writes `results.json` and `results.md` for `step`; returns the folder used and the table."""
+    out_dir = results_dir(eval_dir, step)
+    if out_dir != epath.Path(eval_dir):
+        logging.warning("%s holds the results of a later step; the results of step %d go to %s.",
+                        eval_dir, step, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {
+        "step": int(step),
+        "accuracy": accuracy,
+        "num_examples": {name: int(num_examples) for name in accuracy},
+        "mr_boxes": box_source,
+    }
+    table = markdown_table(accuracy)
+    write_atomically(out_dir / "results.md",
+                     f"Test accuracy (%) at step {step} on {num_examples} examples; MR boxes: {box_source}.\n\n"
+                     f"{table}\n")
+    # results.json last: a reader that sees it sees the matching results.md.
+    write_atomically(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    return out_dir, table
+
+
+def plot_sweeps(curves: dict[str, dict[str, float]], path) -> None:
+    """Accuracy against sigma, and against the LR factor (one line per up-sampling method), for
+    each run in `curves` ({run label: {eval name: accuracy}}); one PNG with two panels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (noise_axis, lr_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (label, accuracy) in enumerate(curves.items()):
+        colour = colours[index % len(colours)]
+        parsed = [(conditions.EvalCondition.parse(name), value) for name, value in accuracy.items()]
+        noise = sorted((p.sigma, v) for p, v in parsed if p.kind == "noise")
+        clean = accuracy.get("clean")
+        if clean is not None and not any(s == 0 for s, _ in noise):
+            noise = [(0.0, clean)] + noise
+        if noise:
+            noise_axis.plot(*zip(*[(s, 100 * v) for s, v in noise]), "o-", color=colour, label=label)
+        for method, style in (("nearest", "o-"), ("bicubic", "s--")):
+            points = sorted((p.factor, v) for p, v in parsed if p.kind == "lr" and p.method == method)
+            if clean is not None and points:
+                points = [(1, clean)] + points
+            if points:
+                lr_axis.plot(*zip(*[(f, 100 * v) for f, v in points]), style, color=colour,
+                             label=f"{label}, {method}")
+    noise_axis.set(xlabel="Gaussian noise sigma", ylabel="test accuracy (%)", title="Noise", ylim=(0, 100))
+    lr_axis.set(xlabel="low-resolution factor", ylabel="test accuracy (%)", title="Low resolution", ylim=(0, 100))
+    lr_axis.set_xscale("log", base=2)
+    lr_axis.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
+    lr_axis.minorticks_off()
+    for axis in (noise_axis, lr_axis):
+        axis.grid(alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
+    figure.tight_layout()
+    path = epath.Path(path)
+    temporary = path.parent / f".{path.name}.tmp-{os.getpid()}.png"
+    figure.savefig(temporary, dpi=110)
+    plt.close(figure)
+    temporary.replace(path)
