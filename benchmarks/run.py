@@ -58,6 +58,9 @@ def worker_step(args) -> dict:
     if config.loss.mode in ("mixed", "pivot"):
         config.perturb.k = args.batch // 2
     config.model.dtype = args.dtype
+    config.model.conv = args.conv
+    if args.model:
+        config.model.name = args.model
     if args.image_size:
         config.data.image_size = args.image_size
     mesh = sharding.make_mesh()
@@ -75,9 +78,7 @@ def worker_step(args) -> dict:
         "box": np.tile(np.float32([0.25, 0.25, 0.75, 0.75]), (host, 1)),
     }, mesh)
     compiled = step_fns.step.lower(state, batch).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost["flops"]) * mesh.size  # cost analysis counts one device's share
+    flops = train_step.flops_per_step(config, mesh)  # counted with XLA's convolutions: the same arithmetic
     holder = {"state": state}
 
     def run():
@@ -156,6 +157,7 @@ def worker_loop(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for steps in (args.loop_short, args.loop_long):
             config = config_lib.load_config(f"{REPO / 'configs' / args.dataset}.py:{arg}")
+            config.model.conv = args.conv
             if args.dataset == "mnist":
                 config.data.data_dir = args.mnist_data_dir
             else:
@@ -184,7 +186,7 @@ def worker_eval(args) -> dict:
     config.data.data_dir = args.mnist_data_dir
     mesh = sharding.make_mesh()
     split = data.open_split(config.data, "test")
-    model = models.get_model(config.model.name, num_classes=10)
+    model = models.get_model(config.model.name, num_classes=10, conv=args.conv)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
     state = {"params": variables["params"], "batch_stats": variables["batch_stats"], "input_mean": jnp.zeros((1,))}
     evaluator = evaluate.Evaluator(config, split, model, mesh)
@@ -204,8 +206,8 @@ WORKERS = {"step": worker_step, "matmul": worker_matmul, "perturb": worker_pertu
 # Orchestration.
 
 
-def run_worker(name: str, xla_flags: str = "", **options) -> dict:
-    env = {**os.environ, "XLA_FLAGS": xla_flags}
+def run_worker(name: str, xla_flags: str = "", env: dict | None = None, **options) -> dict:
+    env = {**os.environ, "XLA_FLAGS": xla_flags, **(env or {})}
     command = [sys.executable, __file__, f"--worker={name}"]
     for key, value in options.items():
         command.append(f"--{key.replace('_', '-')}={value}")
@@ -268,6 +270,8 @@ def main() -> None:
     parser.add_argument("--perturb", default="noise", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=128, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--conv", default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="", help=argparse.SUPPRESS)
     parser.add_argument("--image-size", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=10, help=argparse.SUPPRESS)
     parser.add_argument("--num-processes", type=int, default=1, help=argparse.SUPPRESS)
@@ -291,32 +295,54 @@ def main() -> None:
     figures["matmul_gflops"] = run_worker("matmul", YNN_CONV_OFF, steps=steps)["matmul_gflops"]
     note("f32 matmul 2048^3 (GFLOP/s)", f"{figures['matmul_gflops']:.0f}")
 
-    # Train-step throughput, before/after the CPU default, both modes.
+    # Train-step throughput: what each part buys, in order (XLA's defaults; the YNNPACK convolution
+    # fusion off; oneDNN's convolutions), both modes; then the default (oneDNN) in bfloat16.
+    variants = (("XLA defaults", "", "xla"), ("XLA, YNNPACK conv off", YNN_CONV_OFF, "xla"),
+                ("oneDNN conv", YNN_CONV_OFF, "onednn"))
     steps_by = {}
-    for label, flags in (("xla default", ""), ("pivot_jax default", YNN_CONV_OFF)):
+    for label, flags, conv in variants:
         for mode in ("clean", "pivot"):
-            result = run_worker("step", flags, mode=mode, steps=steps)
-            steps_by[(label, mode)] = result
+            result = run_worker("step", flags, mode=mode, steps=steps, conv=conv)
+            steps_by[(conv if flags else "xla_defaults", mode)] = result
             note(f"ResNet-20 b128 32x32 {mode}, {label} (images/s)", f"{result['images_per_s']:.0f}")
-    ours = {mode: steps_by[("pivot_jax default", mode)] for mode in ("clean", "pivot")}
+    ours = {mode: steps_by[("onednn", mode)] for mode in ("clean", "pivot")}
     figures["step_images_per_s"]["resnet20_b128"] = {m: r["images_per_s"] for m, r in ours.items()}
-    figures["step_images_per_s"]["resnet20_b128_xla_default"] = {
-        m: steps_by[("xla default", m)]["images_per_s"] for m in ("clean", "pivot")}
+    for key in ("xla", "xla_defaults"):
+        figures["step_images_per_s"][f"resnet20_b128_{key}"] = {
+            m: steps_by[(key, m)]["images_per_s"] for m in ("clean", "pivot")}
     figures["gflop_per_step"] = ours["pivot"]["gflop_per_step"]
     figures["mfu"] = ours["pivot"]["gflops_per_s"] / figures["matmul_gflops"]
+    figures["mfu_xla"] = steps_by[("xla", "pivot")]["gflops_per_s"] / figures["matmul_gflops"]
     figures["pivot_over_clean"] = ours["pivot"]["step_ms"] / ours["clean"]["step_ms"]
-    note("mfu (pivot step FLOP/s over matmul FLOP/s)", f"{figures['mfu']:.3f}")
+    note("mfu (pivot step FLOP/s over matmul FLOP/s): oneDNN / XLA", f"{figures['mfu']:.3f} / {figures['mfu_xla']:.3f}")
     note("pivot_over_clean (step time)", f"{figures['pivot_over_clean']:.3f}")
-    bf16 = run_worker("step", YNN_CONV_OFF, mode="pivot", dtype="bfloat16", steps=steps)
+    bf16 = run_worker("step", YNN_CONV_OFF, mode="pivot", dtype="bfloat16", steps=steps, conv="onednn")
     figures["step_images_per_s"]["resnet20_b128"]["pivot_bfloat16"] = bf16["images_per_s"]
-    note("ResNet-20 b128 pivot, bfloat16 compute (images/s)", f"{bf16['images_per_s']:.0f}")
+    note("ResNet-20 b128 pivot, bfloat16 compute, oneDNN (images/s)", f"{bf16['images_per_s']:.0f}")
+
+    # oneDNN's OpenMP threads beside XLA's: the thread count and whether idle threads spin.
+    figures["threads"] = {}
+    for threads, policy in (("1", "PASSIVE"), ("2", "PASSIVE"), ("2", "ACTIVE")):
+        env = {"OMP_NUM_THREADS": threads, "OMP_WAIT_POLICY": policy}
+        for devices in (1, 8):
+            flags = f"{YNN_CONV_OFF} --xla_force_host_platform_device_count={devices}"
+            result = run_worker("step", flags, env=env, mode="pivot", steps=steps, conv="onednn")
+            figures["threads"][f"{devices}_devices_omp{threads}_{policy.lower()}"] = result["images_per_s"]
+            note(f"ResNet-20 b128 pivot, oneDNN, {devices} devices, OMP_NUM_THREADS={threads} {policy} (images/s)",
+                 f"{result['images_per_s']:.0f}")
+
+    for conv in ("xla", "onednn"):
+        result = run_worker("step", YNN_CONV_OFF, mode="pivot", model="resnet110", steps=max(3, steps // 4), conv=conv)
+        figures["step_images_per_s"].setdefault("resnet110_b128", {})[f"pivot_{conv}"] = result["images_per_s"]
+        note(f"ResNet-110 b128 pivot, {conv} (images/s)", f"{result['images_per_s']:.0f}")
 
     if not args.quick:
-        for mode in ("clean", "pivot"):
-            result = run_worker("step", YNN_CONV_OFF, dataset="imagenet", mode=mode, perturb="lr+mr", batch=16,
-                                steps=3)
-            figures["step_images_per_s"].setdefault("resnet18_b16_224", {})[mode] = result["images_per_s"]
-            note(f"ResNet-18 b16 224x224 {mode} (images/s)", f"{result['images_per_s']:.1f}")
+        for conv in ("xla", "onednn"):
+            for mode in ("clean", "pivot"):
+                result = run_worker("step", YNN_CONV_OFF, dataset="imagenet", mode=mode, perturb="lr+mr", batch=16,
+                                    steps=3, conv=conv)
+                figures["step_images_per_s"].setdefault("resnet18_b16_224", {})[f"{mode}_{conv}"] = result["images_per_s"]
+                note(f"ResNet-18 b16 224x224 {mode}, {conv} (images/s)", f"{result['images_per_s']:.1f}")
 
     peer = run_peer(128, steps)
     if peer:
@@ -354,17 +380,22 @@ def main() -> None:
         options = {"mnist_data_dir": source} if dataset == "mnist" else {"cifar_folder": source}
         if args.quick:
             options.update(loop_short=20, loop_long=120)
-        loop = run_worker("loop", "", dataset=dataset, **options)
-        bare = run_worker("step", YNN_CONV_OFF, dataset=dataset, mode="pivot", steps=steps)
-        figures["loop_over_step"][dataset] = loop["loop_images_per_s"] / bare["images_per_s"]
-        note(f"{dataset} pivot: loop / bare step (images/s)",
-             f"{loop['loop_images_per_s']:.0f} / {bare['images_per_s']:.0f} = {figures['loop_over_step'][dataset]:.3f}")
+        for conv in ("xla", "onednn"):
+            loop = run_worker("loop", "", dataset=dataset, conv=conv, **options)
+            bare = run_worker("step", YNN_CONV_OFF, dataset=dataset, mode="pivot", steps=steps, conv=conv)
+            ratio = loop["loop_images_per_s"] / bare["images_per_s"]
+            figures["loop_over_step"][dataset if conv == "onednn" else f"{dataset}_xla"] = ratio
+            figures.setdefault("loop_images_per_s", {})[f"{dataset}_{conv}"] = loop["loop_images_per_s"]
+            note(f"{dataset} pivot loop, {conv}: loop / bare step (images/s)",
+                 f"{loop['loop_images_per_s']:.0f} / {bare['images_per_s']:.0f} = {ratio:.3f}")
 
     if args.mnist_data_dir:
-        evaluation = run_worker("eval", YNN_CONV_OFF, mnist_data_dir=args.mnist_data_dir)
-        figures["eval"] = evaluation
-        note(f"MNIST test split x {evaluation['eval_conditions']} conditions (images/s)",
-             f"{evaluation['eval_images_per_s']:.0f}")
+        figures["eval"] = {}
+        for conv in ("xla", "onednn"):
+            evaluation = run_worker("eval", YNN_CONV_OFF, mnist_data_dir=args.mnist_data_dir, conv=conv)
+            figures["eval"][conv] = evaluation
+            note(f"MNIST test split x {evaluation['eval_conditions']} conditions, {conv} (images/s)",
+                 f"{evaluation['eval_images_per_s']:.0f}")
 
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")

@@ -3,13 +3,25 @@
 The state is saved as a nested dict of arrays, so that it restores into whatever shardings the
 caller asks for (a checkpoint written on 8 devices restores on 1 and the other way round), and so
 that evaluation and fine-tuning can restore only the parts they need.
+
+Damage is detected and survived. When a checkpoint is complete, the SHA-256 of each of its files is
+written to `<workdir>/checkpoint_checksums/<step>.json`; restoring checks them first, so flipped bytes
+or a truncated file are found before Orbax reads anything. A checkpoint that fails its checksums, or
+that Orbax cannot read, is skipped for the newest older one that restores, with a warning that names
+both; it is never deleted (training moves it to `<workdir>/damaged_checkpoints/` so that the step can
+be saved again). A full disk is reported as such, on one line.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
+
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from flax import serialization
 
@@ -18,6 +30,7 @@ from pivot_jax.errors import CheckpointError
 STATE, DATA = "state", "data"
 # What evaluation and fine-tuning need of a train state.
 MODEL_FIELDS = ("params", "batch_stats", "input_mean")
+CHECKSUMS, DAMAGED = "checkpoint_checksums", "damaged_checkpoints"
 
 
 def checkpoint_dir(workdir) -> epath.Path:
@@ -37,20 +50,115 @@ def manager(workdir, *, keep: int | None = None, read_only: bool = False) -> ocp
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator=None) -> None:
-    """Starts an asynchronous save of `state` (and the data position) as step `step`."""
+def _disk_full(error: BaseException) -> bool:
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _storage_error(error: Exception, workdir, what: str) -> CheckpointError:
+    """A one-line CheckpointError for an error while writing checkpoints."""
+    where = checkpoint_dir(workdir)
+    if _disk_full(error):
+        return CheckpointError(f"{what}: the disk holding {where} is full (no space left on device). The "
+                               "checkpoints already written are kept; free some space and run the same "
+                               "command to resume.")
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    return CheckpointError(f"{what} in {where} failed: {first}")
+
+
+def save(mngr: ocp.CheckpointManager, workdir, step: int, state, data_iterator=None) -> None:
+    """Starts an asynchronous save of `state` (and the data position) as step `step`, after the
+    previous save has finished and its checksums are written."""
+    wait_until_finished(mngr, workdir)
     items = {STATE: ocp.args.StandardSave(serialization.to_state_dict(state))}
     if data_iterator is not None:
         items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-    mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    try:
+        mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as error:  # Orbax and TensorStore raise many kinds; the cause is what matters
+        raise _storage_error(error, workdir, f"saving the checkpoint of step {step}") from None
+
+
+def wait_until_finished(mngr: ocp.CheckpointManager, workdir) -> None:
+    """Waits for the pending save, then writes the checksums of every complete checkpoint."""
+    try:
+        mngr.wait_until_finished()
+    except Exception as error:
+        raise _storage_error(error, workdir, "saving a checkpoint") from None
+    if jax.process_index() == 0:
+        try:
+            _record_checksums(mngr, workdir)
+        except OSError as error:
+            raise _storage_error(error, workdir, "writing checkpoint checksums") from None
+
+
+def _files(folder: epath.Path) -> list[epath.Path]:
+    """Every file below `folder` (epath has no recursive glob: it would be costly on GCS)."""
+    found = []
+    for child in folder.iterdir():
+        found += _files(child) if child.is_dir() else [child]
+    return sorted(found)
+
+
+def _sha256(path: epath.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _record_checksums(mngr: ocp.CheckpointManager, workdir) -> None:
+    from pivot_jax import results
+
+    folder = epath.Path(workdir) / CHECKSUMS
+    steps = set(mngr.all_steps())
+    folder.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+        target = folder / f"{step}.json"
+        if target.exists():
+            continue
+        step_dir = checkpoint_dir(workdir) / str(step)
+        sums = {str(p.relative_to(step_dir)): _sha256(p) for p in _files(step_dir)}
+        results.write_atomically(target, json.dumps(sums, indent=0) + "\n")
+    for stale in folder.glob("*.json"):
+        if stale.stem.isdigit() and int(stale.stem) not in steps:
+            stale.unlink()  # Orbax deleted that checkpoint (keep_checkpoints)
+
+
+def verify(workdir, step: int) -> str | None:
+    """What is wrong with the checkpoint at `step` by its checksums; None if it matches them (or
+    has none: a checkpoint whose process was killed before they were written)."""
+    path = epath.Path(workdir) / CHECKSUMS / f"{step}.json"
+    if not path.exists():
+        return None
+    expected = json.loads(path.read_text())
+    step_dir = checkpoint_dir(workdir) / str(step)
+    for name, digest in expected.items():
+        file = step_dir / name
+        if not file.exists():
+            return f"{name} is missing"
+        if _sha256(file) != digest:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def _one_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:300]
 
 
 def _abstract(tree, sharding):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, state, sharding, data_iterator=None):
-    """The state saved at `step`, laid out with `sharding`; also rewinds `data_iterator`."""
+def _restore_state(mngr, step, state, sharding, data_iterator):
     target = serialization.to_state_dict(state)
     items = {STATE: ocp.args.StandardRestore(_abstract(target, sharding))}
     if data_iterator is not None:
@@ -59,35 +167,100 @@ def restore(mngr: ocp.CheckpointManager, step: int, state, sharding, data_iterat
     return serialization.from_state_dict(state, restored[STATE])
 
 
+def restore(mngr: ocp.CheckpointManager, workdir, state, sharding, data_iterator=None):
+    """The newest checkpoint that is intact, as `state` laid out with `sharding` (also rewinds
+    `data_iterator`); returns (state, step).
+
+    Newer checkpoints that are damaged are moved to `<workdir>/damaged_checkpoints/` once an older one
+    has restored (so that their steps can be saved again); if none restores, nothing is moved.
+    """
+    damaged: list[tuple[int, str]] = []
+    for step in sorted(mngr.all_steps(), reverse=True):
+        problem = verify(workdir, step)
+        if problem is None:
+            try:
+                restored = _restore_state(mngr, step, state, sharding, data_iterator)
+            except Exception as error:  # a damaged checkpoint can make Orbax or grain raise anything
+                problem = _one_line(error)
+            else:
+                for bad_step, reason in damaged:
+                    logging.warning("The checkpoint at step %d is damaged (%s); resuming from step %d instead. "
+                                    "It is kept in %s.", bad_step, reason, step, epath.Path(workdir) / DAMAGED)
+                _move_aside(mngr, workdir, [s for s, _ in damaged])
+                return restored, step
+        damaged.append((step, problem))
+    details = "; ".join(f"step {s}: {reason}" for s, reason in damaged)
+    raise CheckpointError(f"no checkpoint in {checkpoint_dir(workdir)} can be restored ({details}). If the "
+                          "config changed, restore it; else move the checkpoints away to start afresh.")
+
+
+def _move_aside(mngr: ocp.CheckpointManager, workdir, steps: list[int]) -> None:
+    if not steps:
+        return
+    if jax.process_index() == 0:
+        target = epath.Path(workdir) / DAMAGED
+        target.mkdir(parents=True, exist_ok=True)
+        for step in steps:
+            (checkpoint_dir(workdir) / str(step)).rename(target / f"{step}")
+            checksums = epath.Path(workdir) / CHECKSUMS / f"{step}.json"
+            if checksums.exists():
+                checksums.rename(target / f"{step}.checksums.json")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("pivot_jax: damaged checkpoints moved aside")
+    mngr.reload()
+
+
 def restore_model(workdir, model_state: dict, sharding, step: int | None = None) -> tuple[dict, int]:
-    """Only `MODEL_FIELDS` of the checkpoint at `step` (default: the latest) of `workdir`.
+    """Only `MODEL_FIELDS` of the checkpoint at `step` (default: the newest intact one) of `workdir`.
 
     `model_state` is a dict with those fields (arrays or shape structs) giving the expected shapes.
     """
     mngr = manager(workdir, read_only=True)
-    steps = mngr.all_steps()
-    if not steps:
-        raise CheckpointError(f"no checkpoint in {checkpoint_dir(workdir)}")
-    if step is None:
-        step = max(steps)
-    elif step not in steps:
-        raise CheckpointError(f"no checkpoint at step {step} in {checkpoint_dir(workdir)}; it has {sorted(steps)}")
-    target = {field: model_state[field] for field in MODEL_FIELDS}
-    restore_args = ocp.args.PyTreeRestore(
-        item=_abstract(target, sharding),
-        restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target),
-        partial_restore=True,
-    )
     try:
-        restored = mngr.restore(step, args=ocp.args.Composite(**{STATE: restore_args}))[STATE]
-    except (ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(
-            f"the checkpoint at step {step} in {checkpoint_dir(workdir)} does not fit the config's "
-            f"model (config.model / config.data): {str(error).splitlines()[0][:500]}"
-        ) from None
+        steps = mngr.all_steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {checkpoint_dir(workdir)}")
+        if step is not None and step not in steps:
+            raise CheckpointError(f"no checkpoint at step {step} in {checkpoint_dir(workdir)}; it has {sorted(steps)}")
+        candidates = [step] if step is not None else sorted(steps, reverse=True)
+        target = {field: model_state[field] for field in MODEL_FIELDS}
+        restore_args = ocp.args.PyTreeRestore(
+            item=_abstract(target, sharding),
+            restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=sharding), target),
+            partial_restore=True,
+        )
+        problems = []
+        for candidate in candidates:
+            problem = verify(workdir, candidate)
+            if problem is None:
+                try:
+                    restored = mngr.restore(candidate, args=ocp.args.Composite(**{STATE: restore_args}))[STATE]
+                except (ValueError, KeyError, TypeError) as error:
+                    problem = _one_line(error)
+                    if not _unreadable(workdir, candidate):  # the files are fine: the model differs
+                        raise CheckpointError(
+                            f"the checkpoint at step {candidate} in {checkpoint_dir(workdir)} does not fit the "
+                            f"config's model (config.model / config.data): {problem}") from None
+                except Exception as error:  # a damaged checkpoint can make Orbax raise anything
+                    problem = _one_line(error)
+                else:
+                    for bad, reason in problems:
+                        logging.warning("The checkpoint at step %d is damaged (%s); using step %d instead.",
+                                        bad, reason, candidate)
+                    return restored, candidate
+            problems.append((candidate, problem))
+        details = "; ".join(f"step {s}: {reason}" for s, reason in problems)
+        raise CheckpointError(f"no checkpoint in {checkpoint_dir(workdir)} can be restored: {details}")
     finally:
         mngr.close()
-    return restored, step
+
+
+def _unreadable(workdir, step: int) -> bool:
+    """Whether the checkpoint at `step` lacks the files a complete state has."""
+    state_dir = checkpoint_dir(workdir) / str(step) / STATE
+    return not state_dir.exists() or not any(state_dir.iterdir())
 
 
 def saved_state(workdir, step: int | None = None) -> tuple[int, dict]:

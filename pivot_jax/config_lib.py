@@ -24,7 +24,7 @@ FIELDS_A_RESUME_MAY_CHANGE = (
     "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
     "allow_config_change", "evals", "sweep_evals", "data.data_dir", "data.manual_dir", "data.folder",
     "data.num_threads", "data.prefetch", "data.download", "data.eval_batch_size", "data.box_file",
-    "data.test_examples", "profile_steps",
+    "data.test_examples", "profile_steps", "model.conv",
 )
 
 
@@ -101,6 +101,9 @@ def base_config(
     config.model = ml_collections.ConfigDict()
     config.model.name = "resnet20"
     config.model.dtype = "float32"
+    # The convolution implementation: "auto" (oneDNN on the CPU where it builds, else XLA), "xla" or
+    # "onednn". Checkpoints are the same whichever runs.
+    config.model.conv = "auto"
 
     config.optim = ml_collections.ConfigDict()
     config.optim.learning_rate = 0.1
@@ -222,6 +225,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _require(c.model.name in models.MODELS, "model.name", c.model.name, f"one of {models.MODELS}")
     _require(c.model.dtype in models.DTYPES, "model.dtype", c.model.dtype,
              f"one of {tuple(models.DTYPES)}")
+    _require(c.model.conv in models.CONVS, "model.conv", c.model.conv, f"one of {models.CONVS}")
 
     _require(c.optim.learning_rate > 0, "optim.learning_rate", c.optim.learning_rate, "> 0")
     _require(0 <= c.optim.momentum < 1, "optim.momentum", c.optim.momentum, "in [0, 1)")

@@ -36,6 +36,10 @@ class Evaluator:
         base_key = jax.random.key(EVAL_SEED)
 
         def correct_counts(model_state, batch):
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # see train_step: per-shard layers
+                return _correct_counts(model_state, batch)
+
+        def _correct_counts(model_state, batch):
             images = batch["image"].astype(jnp.float32) / 255.0
             keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(batch["index"])
             variables = {"params": model_state["params"], "batch_stats": model_state["batch_stats"]}

@@ -11,7 +11,9 @@ from __future__ import annotations
 import ast
 import logging
 import os
+import re
 import sys
+import threading
 
 from pivot_jax.errors import ConfigError, DistributedError, UserError
 
@@ -19,14 +21,23 @@ CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution
 
 
 def configure_cpu_defaults() -> None:
-    """Adds `CPU_XLA_FLAGS` to XLA_FLAGS, unless XLA_FLAGS already sets that flag. Call it before
-    the first JAX computation (flags are read when the backend starts)."""
+    """Adds `CPU_XLA_FLAGS` to XLA_FLAGS, unless XLA_FLAGS already sets that flag, and sizes oneDNN's
+    OpenMP thread team. Call it before the first JAX computation (flags are read when the backend
+    starts, OMP_NUM_THREADS when oneDNN loads).
+
+    With N fake CPU devices, XLA runs N convolutions at once (one per device); each gets cores / N
+    OpenMP threads, so that they do not oversubscribe the cores (docs/performance.md measures it).
+    A user's own settings win.
+    """
     flags = os.environ.get("XLA_FLAGS", "")
     for flag in CPU_XLA_FLAGS:
         name = flag.split("=")[0]
         if name not in flags:
             flags = f"{flags} {flag}".strip()
     os.environ["XLA_FLAGS"] = flags
+    devices = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
+    if devices and int(devices.group(1)) > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(devices.group(1)))))
 
 
 def _launcher() -> str | None:
@@ -117,17 +128,58 @@ def initialize_from_flags() -> None:
 
 
 class _QuietLibraries(logging.Filter):
-    """Keeps Orbax's per-save INFO chatter out of the console; its warnings still show."""
+    """Keeps Orbax's per-save INFO chatter out of the console; its warnings still show. Errors of its
+    background threads show as one line: the exception reaches the run, which reports it itself."""
 
     def filter(self, record) -> bool:
-        return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+        if record.pathname.endswith("xla_bridge.py") and record.levelno < logging.WARNING:
+            return False  # "Unable to initialize backend 'tpu'" and the like, on machines without one
+        if record.pathname.endswith("image_feature.py") and "OpenCV" in str(record.msg):
+            return False  # TFDS recommends OpenCV for decoding; pivot_jax decodes with PIL on purpose
+        if "/orbax/" not in record.pathname:
+            return True
+        if record.levelno >= logging.ERROR and record.exc_info:
+            record.msg, record.args = record.getMessage().splitlines()[0][:300], None
+            record.exc_info = record.exc_text = None
+        return record.levelno >= logging.WARNING
+
+
+def _is_closed_loop_noise(exc_type, exc_value) -> bool:
+    """TensorStore callbacks that fire after Orbax closed its event loop, when a save failed."""
+    return exc_type is RuntimeError and str(exc_value) == "Event loop is closed"
 
 
 def quiet_library_logs() -> None:
-    """For the CLIs: the console shows the run's own progress, not every library's INFO lines."""
+    """For the CLIs: the console shows the run's own progress and errors, not every library's INFO
+    lines or the tracebacks that an error already reported leaves behind in library threads."""
     from absl import logging as absl_logging
 
     absl_logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
+    original_excepthook = sys.excepthook
+
+    def excepthook(exc_type, exc_value, traceback):
+        if not _is_closed_loop_noise(exc_type, exc_value):
+            original_excepthook(exc_type, exc_value, traceback)
+
+    sys.excepthook = excepthook
+    original_unraisablehook = sys.unraisablehook
+
+    def unraisablehook(unraisable):
+        if not _is_closed_loop_noise(unraisable.exc_type, unraisable.exc_value):
+            original_unraisablehook(unraisable)
+
+    sys.unraisablehook = unraisablehook
+
+    def thread_excepthook(args):
+        # A library's worker thread that fails hands its error to the run, which reports it; the
+        # console gets one line here instead of the thread's traceback.
+        if args.exc_type is SystemExit or _is_closed_loop_noise(args.exc_type, args.exc_value):
+            return
+        first = (str(args.exc_value).strip().splitlines() or [args.exc_type.__name__])[0][:300]
+        name = args.thread.name if args.thread is not None else "?"
+        print(f"warning: background thread {name} stopped: {args.exc_type.__name__}: {first}", file=sys.stderr)
+
+    threading.excepthook = thread_excepthook
 
 
 def _one_line(error: BaseException) -> str:

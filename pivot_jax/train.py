@@ -8,6 +8,7 @@ run the same loop.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import sys
@@ -48,8 +49,8 @@ class _Preemption:
     would replace JAX's, so that processes stop at different steps and hang in a collective.
     """
 
-    def __init__(self, mngr):
-        self.mngr = mngr
+    def __init__(self, mngr, initial_step: int):
+        self.mngr, self.initial_step = mngr, initial_step
         self.requested = False
         if jax.process_count() == 1:
             try:
@@ -62,18 +63,29 @@ class _Preemption:
         self.requested = True
 
     def reached(self, step: int) -> bool:
-        """Whether to save and stop after `step`; every process must ask at every step."""
-        return self.mngr.reached_preemption(step) or self.requested
+        """Whether to save and stop after `step`; every process must ask at every step.
+
+        JAX's sync manager counts calls from 0 and, when the notice comes before its first call (while
+        the run starts), sets the sync point to 1: a run resumed at step N would never reach it. So it
+        is given the steps of this process's run (1, 2, ...), which all processes count alike because
+        they resume from the same checkpoint.
+        """
+        return self.mngr.reached_preemption(step - self.initial_step) or self.requested
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     """Trains (or resumes) the run in `workdir`; returns how it ended, with the final test accuracies."""
-    # Checks, before any data is read or any computation starts.
+    # Checks, before any data is read or any computation starts; then the workdir is ours alone.
     mesh = sharding.make_mesh()
     config_lib.validate(config, num_devices=mesh.size)
     workdir = epath.Path(workdir)
     workdirs.check(workdir, config)
     is_main = jax.process_index() == 0
+    with workdirs.WorkdirLock(workdir) if is_main else contextlib.nullcontext():
+        return _train(config, workdir, mesh, is_main)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, is_main: bool) -> RunResult:
     host_batch = config_lib.host_batch_size(config)
 
     # Data: the class list comes from the training split and is saved with the run.
@@ -94,13 +106,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
 
     # Model, optimizer, shardings and the jitted step (state replicated, batches split, state donated).
     step_fns = train_step.build(config, mesh)
+    logging.info("Convolutions: %s (config.model.conv=%r).", step_fns.model.conv, config.model.conv)
 
     # Checkpoint restore (or a fresh start, possibly from another run's model).
     mngr = checkpoint.manager(workdir, keep=config.keep_checkpoints)
-    latest = mngr.latest_step()
-    if latest is not None:
-        state = checkpoint.restore(mngr, latest, step_fns.abstract_state(), step_fns.state_sharding, train_iter)
-        logging.info("Resumed from step %d of %s.", latest, workdir)
+    if mngr.latest_step() is not None:
+        try:
+            state, restored_step = checkpoint.restore(mngr, workdir, step_fns.abstract_state(),
+                                                      step_fns.state_sharding, train_iter)
+        except BaseException:
+            mngr.close()
+            raise
+        logging.info("Resumed from step %d of %s.", restored_step, workdir)
     else:
         mean = data.input_mean(train_split, config.data, config.data.mean_examples)
         state = step_fns.init_state(jnp.asarray(mean))
@@ -113,7 +130,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
     if is_main:
         workdirs.write_config(workdir, config, initial_step)
         workdirs.save_class_names(workdir, train_split.class_names)
-        parameter_overview.log_parameter_overview(state.params, msg=f"{config.model.name} parameters")
+        results.write_atomically(workdir / "parameters.txt",
+                                 parameter_overview.get_parameter_overview(state.params) + "\n")
+        logging.info("%s: %s parameters (each one's shape and statistics: %s).", config.model.name,
+                     f"{sum(x.size for x in jax.tree.leaves(state.params)):,}", workdir / "parameters.txt")
 
     # Evaluator and reporting.
     evaluator = evaluate.Evaluator(config, test_split, step_fns.model, mesh)
@@ -126,7 +146,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
         periodic.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
                                                  profile_duration_ms=None, first_profile=initial_step + 10,
                                                  every_secs=None))
-    preemption = _Preemption(mngr)
+    preemption = _Preemption(mngr, initial_step)
     pending_metrics: list[dict] = []
 
     def flush_metrics(step: int) -> None:
@@ -161,7 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
     def save_checkpoint(step: int) -> None:
         flush_metrics(step)  # never save a state whose loss or gradient went non-finite
         with report_progress.timed("checkpoint"):
-            checkpoint.save(mngr, step, state, train_iter)
+            checkpoint.save(mngr, workdir, step, state, train_iter)
 
     # Loop.
     logging.info("Training %s from step %d to %d on %d devices.", workdir, initial_step,
@@ -184,17 +204,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
             if step < config.num_train_steps and preemption.reached(step):
                 if mngr.latest_step() != step:
                     save_checkpoint(step)
-                mngr.wait_until_finished()
+                checkpoint.wait_until_finished(mngr, workdir)
                 logging.warning("Stopped at step %d for preemption; run the same command to resume.", step)
                 return RunResult(step=step, finished=False, accuracy={})
         flush_metrics(step)
         if mngr.latest_step() != step:
             save_checkpoint(step)
         accuracy, num_examples = run_evaluation(step)
+        checkpoint.wait_until_finished(mngr, workdir)
     finally:
-        mngr.wait_until_finished()
-        mngr.close()
-        writer.flush()
+        # On the way out of an error: the error in flight is the one to report, not a second one.
+        for close in (mngr.close, writer.close):
+            try:
+                close()
+            except Exception as error:  # noqa: BLE001
+                logging.debug("while stopping: %s", error)
     if is_main:
         _, table = results.write_results(workdir / "eval", step, accuracy, num_examples, test_split.box_source)
         print(f"\nTest accuracy (%) at step {step} ({workdir}):\n{table}\n", flush=True)

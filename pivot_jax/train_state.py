@@ -38,7 +38,8 @@ class TrainState:
 
 def get_model(config: ml_collections.ConfigDict):
     """The config's model (`config.model`), with one output per class."""
-    return models.get_model(config.model.name, num_classes=config.data.num_classes, dtype=config.model.dtype)
+    return models.get_model(config.model.name, num_classes=config.data.num_classes, dtype=config.model.dtype,
+                            conv=config.model.conv)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:

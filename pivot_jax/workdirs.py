@@ -1,8 +1,11 @@
 """A run's workdir: what it holds besides checkpoints, and the checks before a run writes to it.
 
+    DIR/.lock             who is training in it (`WorkdirLock`)
     DIR/config.json       the run's config (an earlier one is kept as config.before_step_<N>.json)
     DIR/classes.json      the class names, in label order (label i is classes[i])
-    DIR/checkpoints/      Orbax checkpoints (pivot_jax.checkpoint)
+    DIR/parameters.txt    the model's parameters: names, shapes, statistics at initialisation
+    DIR/checkpoints/      Orbax checkpoints (pivot_jax.checkpoint), with checkpoint_checksums/ beside
+                          them, and damaged_checkpoints/ where a damaged one was moved aside
     DIR/eval/             results.json, results.md, sweeps.png (pivot_jax.results)
     DIR/events.out.*      TensorBoard metrics
 """
@@ -10,9 +13,15 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import threading
+import time
+import uuid
 
 import jax
 import ml_collections
+from absl import logging
 from etils import epath
 from flax import traverse_util
 
@@ -65,3 +74,105 @@ def saved_class_names(workdir) -> tuple[str, ...] | None:
     """The run's class names in label order, or None for a run that did not save them."""
     path = epath.Path(workdir) / "classes.json"
     return tuple(json.loads(path.read_text())) if path.exists() else None
+
+
+class WorkdirLock:
+    """One training run at a time per workdir: `DIR/.lock` names the holder, and a second run that
+    finds it held stops with an error naming it.
+
+    On a local file system the lock is an flock, which the kernel releases when the holder dies, even
+    by SIGKILL: a killed run never leaves the workdir stuck. Where flock does not exist (gs://, other
+    object stores) it is a lease: the holder rewrites the file every `refresh_seconds`, and a lease
+    that has not been refreshed for `expiry_seconds` belongs to a run that is gone.
+    """
+
+    def __init__(self, workdir, *, refresh_seconds: float = 60.0, expiry_seconds: float = 300.0,
+                 lease: bool | None = None):
+        self.path = epath.Path(workdir) / ".lock"
+        self.lease = "://" in str(workdir) if lease is None else lease
+        self.refresh_seconds, self.expiry_seconds = refresh_seconds, expiry_seconds
+        self._file = None
+        self._stop = threading.Event()
+        self._refresher = None
+        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
+                       "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+    def _describe(self, holder: dict) -> str:
+        return (f"{self.path.parent} is in use by another training run (process {holder.get('pid', '?')} on "
+                f"{holder.get('host', '?')}, since {holder.get('since', '?')}; {self.path}). Wait for it to end, "
+                "stop it, or use another --workdir.")
+
+    def _read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError, OSError):
+            return {}
+
+    def acquire(self) -> "WorkdirLock":
+        if self.lease:
+            self._acquire_lease()
+        else:
+            self._acquire_flock()
+        return self
+
+    def _acquire_flock(self) -> None:
+        import fcntl
+
+        file = open(self.path, "a+")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            file.seek(0)
+            try:
+                holder = json.loads(file.read() or "{}")
+            except json.JSONDecodeError:
+                holder = {}
+            file.close()
+            raise TrainingError(self._describe(holder)) from None
+        file.seek(0)
+        file.truncate()
+        file.write(json.dumps(self.holder) + "\n")
+        file.flush()
+        self._file = file
+
+    def _acquire_lease(self) -> None:
+        current = self._read()
+        age = time.time() - float(current.get("heartbeat", 0))
+        if current and current.get("token") != self.holder["token"] and age < self.expiry_seconds:
+            raise TrainingError(self._describe(current))
+        self._write_lease()
+        time.sleep(min(1.0, self.refresh_seconds))  # two runs that wrote at once: the last write wins
+        if self._read().get("token") != self.holder["token"]:
+            raise TrainingError(self._describe(self._read()))
+        self._refresher = threading.Thread(target=self._refresh, daemon=True, name="workdir-lock")
+        self._refresher.start()
+
+    def _write_lease(self) -> None:
+        results.write_atomically(self.path, json.dumps({**self.holder, "heartbeat": time.time()}) + "\n")
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(self.refresh_seconds):
+            try:
+                self._write_lease()
+            except OSError as error:  # a transient storage error: the next refresh tries again
+                logging.warning("could not refresh the workdir lock %s: %s", self.path, error)
+
+    def release(self) -> None:
+        if self._file is not None:
+            import fcntl
+
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+        if self._refresher is not None:
+            self._stop.set()
+            self._refresher.join()
+            self._refresher = None
+            if self._read().get("token") == self.holder["token"]:
+                self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "WorkdirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -8,6 +8,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -66,6 +67,40 @@ def test_two_process_checkpoint_evaluates_in_one_process(two_process_run, mnist_
     assert 0 <= result["accuracy"]["clean"] <= 1
 
 
+class Launched:
+    """`launch/local/run.sh ...` in the background, its output collected line by line as it comes."""
+
+    def __init__(self, command):
+        self.process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True)
+        self.reader.start()
+
+    def wait_for(self, *texts, timeout=300):
+        """Until each text has appeared in a line of the output; "[i] ..." in a line of process i."""
+        deadline = time.time() + timeout
+
+        def seen(text):
+            prefix, _, rest = text.partition("] ")
+            if rest and prefix.startswith("["):
+                return any(line.startswith(prefix + "] ") and rest in line for line in self.lines)
+            return any(text in line for line in self.lines)
+
+        while not all(seen(t) for t in texts):
+            assert time.time() < deadline and self.process.poll() is None, "".join(self.lines)[-4000:]
+            time.sleep(0.2)
+
+    def finish(self, timeout=300) -> str:
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            subprocess.run(["pkill", "-KILL", "-P", str(self.process.pid)], check=False)
+            self.process.kill()
+            pytest.fail(f"still running after {timeout} s:\n" + "".join(self.lines)[-4000:])
+        self.reader.join(timeout=10)
+        return "".join(self.lines)
+
+
 @pytest.mark.parametrize("target,port", [("every process", 12394), ("process 1 only", 12395)])
 def test_sigterm_stops_every_process_at_one_step_and_the_run_resumes(mnist_data_dir, tmp_path, target, port):
     """Preemption of a 2-process run: JAX's preemption sync manager tells both processes, they save
@@ -74,38 +109,33 @@ def test_sigterm_stops_every_process_at_one_step_and_the_run_resumes(mnist_data_
                "--", sys.executable, "-m", "pivot_jax.train", *smoke_args(tmp_path, mnist_data_dir),
                "--config.num_train_steps=3000", "--config.checkpoint_every_steps=10000",
                "--config.eval_every_steps=10000", "--config.log_every_steps=10000", "--distributed_timeout=120"]
-    launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while not list(tmp_path.glob("events.out.tfevents.*")) and time.time() < deadline and launcher.poll() is None:
-        time.sleep(0.2)
-    time.sleep(4)  # some steps into training
-    assert launcher.poll() is None, launcher.communicate()[0][-4000:]
+    run = Launched(command)
+    run.wait_for("[0] Training ", "[1] Training ")  # both processes are in the training loop
+    time.sleep(3)
     if target == "every process":
-        launcher.send_signal(signal.SIGTERM)  # run.sh passes it on to both processes
+        run.process.send_signal(signal.SIGTERM)  # run.sh passes it on to both processes
     else:
         found = subprocess.run(["pgrep", "-f", f"workdir={tmp_path} .*--process_id=1"], capture_output=True, text=True)
         (pid,) = found.stdout.split()
         os.kill(int(pid), signal.SIGTERM)
-    output, _ = launcher.communicate(timeout=300)
-    assert launcher.returncode == 0, output[-4000:]
+    output = run.finish()
+    assert run.process.returncode == 0, output[-4000:]
     stops = {line[:3]: line.split("Stopped at step ")[1].split()[0] for line in output.splitlines()
              if "Stopped at step" in line}
     assert set(stops) == {"[0]", "[1]"} and len(set(stops.values())) == 1, output[-4000:]
     stopped = int(stops["[0]"])
     assert 0 < stopped < 3000 and checkpoint.manager(tmp_path, read_only=True).latest_step() == stopped
 
-    # The same command resumes from there; it is preempted again, a few steps later.
-    rerun = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while len(list(tmp_path.glob("events.out.tfevents.*"))) < 2 and time.time() < deadline and rerun.poll() is None:
-        time.sleep(0.2)
-    time.sleep(4)
-    rerun.send_signal(signal.SIGTERM)
-    output, _ = rerun.communicate(timeout=300)
-    assert rerun.returncode == 0, output[-4000:]
-    assert "[0] " in output and "[1] " in output
-    assert f"Resumed from step {stopped}" in output
-    assert checkpoint.manager(tmp_path, read_only=True).latest_step() > stopped
+    # The same command resumes from there, and is preempted again at once: before its first step, when
+    # JAX's sync manager has not seen a step yet (it then stops after the first step of the rerun).
+    rerun = Launched(command)
+    rerun.wait_for(f"[0] Resumed from step {stopped}", "[0] Training ", "[1] Training ")
+    rerun.process.send_signal(signal.SIGTERM)
+    output = rerun.finish()
+    assert rerun.process.returncode == 0, output[-4000:]
+    again = checkpoint.manager(tmp_path, read_only=True).latest_step()
+    assert stopped < again <= stopped + 3, output[-4000:]  # within the rerun's first steps
+    assert f"Stopped at step {again} for preemption" in output
 
 
 def test_missing_coordinator_ends_with_a_clear_error(mnist_data_dir, tmp_path):

@@ -9,9 +9,23 @@ from pivot_jax import runtime
 
 def test_cpu_default_is_added(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     runtime.configure_cpu_defaults()
     assert runtime.CPU_XLA_FLAGS[0] in os.environ["XLA_FLAGS"].split()
     assert "--xla_force_host_platform_device_count=8" in os.environ["XLA_FLAGS"].split()
+    # 8 fake devices share the cores: each device's oneDNN convolution gets cores / 8 threads, at least 1.
+    assert os.environ["OMP_NUM_THREADS"] == str(max(1, os.cpu_count() // 8))
+
+
+def test_one_device_keeps_every_thread_and_the_users_thread_count_wins(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    runtime.configure_cpu_defaults()
+    assert "OMP_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    runtime.configure_cpu_defaults()
+    assert os.environ["OMP_NUM_THREADS"] == "3"
 
 
 def test_users_own_setting_wins(monkeypatch):

@@ -15,6 +15,7 @@ import pytest
 from conftest import CONFIGS, REPO, run_train
 from pivot_jax import checkpoint, config_lib, data, train, workdirs
 from pivot_jax.data import tfds_prepare
+from pivot_jax.ops import onednn
 
 EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
@@ -124,6 +125,8 @@ def test_sigkill_then_resume_equals_uninterrupted_run(mnist_data_dir, tmp_path):
     resumed = run_train(_resume_args(killed, mnist_data_dir), ONE_DEVICE, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resumed from step {interrupted_at}" in resumed.stderr
+    if onednn.available():  # the default on the CPU: the oneDNN path resumes bit-exact too
+        assert "Convolutions: onednn" in resumed.stderr
     step_a, params_a = saved_params(whole)
     step_b, params_b = saved_params(killed)
     assert step_a == step_b == 30

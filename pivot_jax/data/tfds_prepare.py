@@ -84,6 +84,11 @@ def builder(data: ml_collections.ConfigDict):
                 f"{data.name} is not prepared in {dataset.data_dir} and cannot be downloaded: "
                 f"{endpoint[0]}:{endpoint[1]} is unreachable. " + how_offline
             )
+    from absl import logging
+
+    logging.info("Preparing %s in %s%s.", data.name, dataset.data_dir,
+                 f" from the files in {manual_dir}" if has_manual else " (downloading it)")
+    tfds.disable_progress_bar()  # progress bars flood logs and consoles; the log line says what happens
     try:
         dataset.download_and_prepare(
             file_format="array_record",

@@ -43,13 +43,14 @@ class CifarResNet(nn.Module):
     depth: int
     num_classes: int
     dtype: Any = jnp.float32
+    conv: str = "xla"  # the convolution implementation: "xla" or "onednn"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         if (self.depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n + 2, got {self.depth}")
         blocks_per_stage = (self.depth - 2) // 6
-        conv, norm = layers.conv_and_norm(self.dtype, train)
+        conv, norm = layers.conv_and_norm(self.dtype, train, self.conv)
         x = x.astype(self.dtype)
         x = nn.relu(norm()(conv(16, (3, 3))(x)))
         for stage, channels in enumerate((16, 32, 64)):

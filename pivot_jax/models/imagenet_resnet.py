@@ -46,11 +46,12 @@ class ResNet(nn.Module):
     depth: int
     num_classes: int
     dtype: Any = jnp.float32
+    conv: str = "xla"  # the convolution implementation: "xla" or "onednn"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         block_kind, stage_sizes = STAGES[self.depth]
-        conv, norm = layers.conv_and_norm(self.dtype, train)
+        conv, norm = layers.conv_and_norm(self.dtype, train, self.conv)
         x = x.astype(self.dtype)
         x = conv(64, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name="stem_conv")(x)
         x = nn.relu(norm(name="stem_bn")(x))
