@@ -1,0 +1,1 @@
+"""Kernels that XLA does not provide well enough on some backend: oneDNN convolutions for the CPU."""
