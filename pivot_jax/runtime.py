@@ -136,6 +136,8 @@ class _QuietLibraries(logging.Filter):
             return False  # "Unable to initialize backend 'tpu'" and the like, on machines without one
         if record.pathname.endswith("image_feature.py") and "OpenCV" in str(record.msg):
             return False  # TFDS recommends OpenCV for decoding; pivot_jax decodes with PIL on purpose
+        if record.name == "asyncio" and "exception was never retrieved" in str(record.msg):
+            return False  # a failed save's other writes, left behind after the run reported the failure
         if "/orbax/" not in record.pathname:
             return True
         if record.levelno >= logging.ERROR and record.exc_info:
