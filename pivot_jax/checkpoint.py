@@ -25,7 +25,7 @@ from absl import logging
 from etils import epath
 from flax import serialization
 
-from pivot_jax.errors import CheckpointError
+from pivot_jax.errors import CheckpointError, first_line
 
 STATE, DATA = "state", "data"
 # What evaluation and fine-tuning need of a train state.
@@ -68,8 +68,7 @@ def _storage_error(error: Exception, workdir, what: str) -> CheckpointError:
         return CheckpointError(f"{what}: the disk holding {where} is full (no space left on device). The "
                                "checkpoints already written are kept; free some space and run the same "
                                "command to resume.")
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-    return CheckpointError(f"{what} in {where} failed: {first}")
+    return CheckpointError(f"{what} in {where} failed: {first_line(error)}")
 
 
 def save(mngr: ocp.CheckpointManager, workdir, step: int, state, data_iterator=None) -> None:
@@ -149,11 +148,6 @@ def verify(workdir, step: int) -> str | None:
     return None
 
 
-def _one_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return (lines[0] if lines else type(error).__name__)[:300]
-
-
 def _abstract(tree, sharding):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
@@ -181,7 +175,7 @@ def restore(mngr: ocp.CheckpointManager, workdir, state, sharding, data_iterator
             try:
                 restored = _restore_state(mngr, step, state, sharding, data_iterator)
             except Exception as error:  # a damaged checkpoint can make Orbax or grain raise anything
-                problem = _one_line(error)
+                problem = first_line(error)
             else:
                 for bad_step, reason in damaged:
                     logging.warning("The checkpoint at step %d is damaged (%s); resuming from step %d instead. "
@@ -238,13 +232,13 @@ def restore_model(workdir, model_state: dict, sharding, step: int | None = None)
                 try:
                     restored = mngr.restore(candidate, args=ocp.args.Composite(**{STATE: restore_args}))[STATE]
                 except (ValueError, KeyError, TypeError) as error:
-                    problem = _one_line(error)
+                    problem = first_line(error)
                     if not _unreadable(workdir, candidate):  # the files are fine: the model differs
                         raise CheckpointError(
                             f"the checkpoint at step {candidate} in {checkpoint_dir(workdir)} does not fit the "
                             f"config's model (config.model / config.data): {problem}") from None
                 except Exception as error:  # a damaged checkpoint can make Orbax raise anything
-                    problem = _one_line(error)
+                    problem = first_line(error)
                 else:
                     for bad, reason in problems:
                         logging.warning("The checkpoint at step %d is damaged (%s); using step %d instead.",

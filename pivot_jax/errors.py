@@ -27,3 +27,9 @@ class TrainingError(UserError):
 
 class DistributedError(UserError):
     """The processes of a multi-process run could not find each other in time."""
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type's name if the message is empty), for
+    one-line error reports: library messages often run to many lines."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0].strip()[:limit]

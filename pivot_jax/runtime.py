@@ -15,7 +15,7 @@ import re
 import sys
 import threading
 
-from pivot_jax.errors import ConfigError, DistributedError, UserError
+from pivot_jax.errors import ConfigError, DistributedError, UserError, first_line
 
 CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
 
@@ -177,9 +177,9 @@ def quiet_library_logs() -> None:
         # console gets one line here instead of the thread's traceback.
         if args.exc_type is SystemExit or _is_closed_loop_noise(args.exc_type, args.exc_value):
             return
-        first = (str(args.exc_value).strip().splitlines() or [args.exc_type.__name__])[0][:300]
         name = args.thread.name if args.thread is not None else "?"
-        print(f"warning: background thread {name} stopped: {args.exc_type.__name__}: {first}", file=sys.stderr)
+        print(f"warning: background thread {name} stopped: {args.exc_type.__name__}: {first_line(args.exc_value)}",
+              file=sys.stderr)
 
     threading.excepthook = thread_excepthook
 

@@ -16,7 +16,7 @@ import urllib.request
 
 import ml_collections
 
-from pivot_jax.errors import DataError
+from pivot_jax.errors import DataError, first_line
 
 PROBE_TIMEOUT_SECONDS = 10.0
 
@@ -95,6 +95,6 @@ def builder(data: ml_collections.ConfigDict):
             download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)),
         )
     except Exception as error:  # TFDS raises many kinds; all mean the same to the user
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-        raise DataError(f"preparing {data.name} in {dataset.data_dir} failed: {first_line}. " + how_offline) from None
+        raise DataError(f"preparing {data.name} in {dataset.data_dir} failed: {first_line(error)}. "
+                        + how_offline) from None
     return dataset
