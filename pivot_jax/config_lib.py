@@ -27,6 +27,10 @@ FIELDS_A_RESUME_MAY_CHANGE = (
     "data.test_examples", "profile_steps", "model.conv",
 )
 
+# Fields added after runs were already saved, with the value that gives those runs' behaviour: a
+# config.json without them reads as if it had them (evaluation, export, and resuming such a run).
+FIELDS_ADDED_LATER = {"optim.warmup_steps": 0}
+
 
 def parse_arg(arg: str | None, default_perturb: str = "noise") -> dict[str, str | bool]:
     """`"mode=pivot,perturb=noise,smoke"` -> {"mode": "pivot", "perturb": "noise", "smoke": True}."""
@@ -111,6 +115,7 @@ def base_config(
     config.optim.weight_decay = 1e-4  # coupled L2, kernels only
     config.optim.lr_boundaries = (4 / 9, 6 / 9, 8 / 9)  # fractions of num_train_steps
     config.optim.lr_decay = 0.1
+    config.optim.warmup_steps = 0  # linear warm-up from 0 to learning_rate over these first steps
 
     mode = args["mode"]
     config.loss = ml_collections.ConfigDict()
@@ -233,6 +238,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     bounds = tuple(c.optim.lr_boundaries)
     _require(all(0 < b < 1 for b in bounds) and list(bounds) == sorted(set(bounds)),
              "optim.lr_boundaries", bounds, "increasing fractions of num_train_steps in (0, 1)")
+    first_decay = round(min(bounds, default=1.0) * c.num_train_steps)
+    _require(0 <= c.optim.warmup_steps < first_decay, "optim.warmup_steps", c.optim.warmup_steps,
+             f"0 (none) or a number of steps below the first learning-rate decay at step {first_decay}")
 
     mode, m, k = c.loss.mode, c.batch_size, c.perturb.k
     _require(mode in MODES, "loss.mode", mode, f"one of {MODES}")

@@ -17,7 +17,6 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 from etils import epath
-from ml_collections import config_flags
 
 from pivot_jax import checkpoint, config_lib, data, results, runtime, sharding, train_state, workdirs
 from pivot_jax.errors import CheckpointError, UserError
@@ -74,6 +73,17 @@ class Evaluator:
         return {name: float(c / num_examples) for name, c in zip(self.names, correct)}, num_examples
 
 
+def restore_model(config: ml_collections.ConfigDict, workdir, step: int | None = None, mesh=None):
+    """The config's model and the `model_state` (params, batch_stats, input_mean) of `workdir`'s
+    checkpoint at `step` (default: the newest intact one), replicated over `mesh` (default: this
+    process's first device); returns (model, model_state, step)."""
+    mesh = sharding.make_mesh(jax.local_devices()[:1]) if mesh is None else mesh
+    model = train_state.get_model(config)
+    template = train_state.model_state_template(config, model)
+    model_state, step = checkpoint.restore_model(workdir, template, sharding.replicated(mesh), step)
+    return model, model_state, step
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
     """Restores `workdir`'s checkpoint (latest, or `step`) on the devices present and evaluates every
     configured test condition and sweep; writes the report into `<workdir>/eval/` (or, for an
@@ -85,9 +95,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: i
         raise CheckpointError(f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}: nothing to evaluate")
     test_split = data.open_split(config.data, config.data.test_split, use_box_file=True,
                                  class_names=workdirs.saved_class_names(workdir))
-    model = train_state.get_model(config)
-    template = train_state.model_state_template(config, model)
-    model_state, step = checkpoint.restore_model(workdir, template, sharding.replicated(mesh), step)
+    model, model_state, step = restore_model(config, workdir, step, mesh)
 
     evaluator = Evaluator(config, test_split, model, mesh, sweeps=True)
     accuracy, num_examples = evaluator(model_state)
@@ -113,9 +121,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "The run's config file (configs/*.py[:args]).")
-    flags.DEFINE_string("workdir", None, "The run's workdir, holding checkpoints/.")
+    runtime.define_config_flag(sys.argv)
+    flags.DEFINE_string("workdir", None, "The run's workdir, holding checkpoints/ and config.json.")
     flags.DEFINE_integer("step", None, "The checkpoint step to evaluate (default: the latest).")
     runtime.define_distributed_flags()
-    flags.mark_flags_as_required(["config", "workdir"])
+    flags.mark_flags_as_required(["workdir"])
     app.run(main, flags_parser=runtime.parse_flags)

@@ -120,6 +120,37 @@ def define_distributed_flags() -> None:
     flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for a missing or silent peer.")
 
 
+def _flag_value(argv: list[str], name: str) -> str | None:
+    """The value of `--name=V` or `--name V` in a command line, before absl parses it."""
+    for index, arg in enumerate(argv):
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+        if arg == f"--{name}" and index + 1 < len(argv):
+            return argv[index + 1]
+    return None
+
+
+def define_config_flag(argv: list[str]) -> None:
+    """`--config` for the tools that use a trained run (evaluate, predict, export): the config file
+    when `--config=FILE` is given, else the config the run saved in `--workdir`'s config.json. Either
+    way `--config.<field>=<value>` overrides apply."""
+    from ml_collections import config_flags
+
+    if _flag_value(argv, "config") is not None:
+        config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py[:args]); default: the run's own.")
+        return
+    workdir = _flag_value(argv, "workdir")
+    if workdir is None:
+        sys.exit("error: --workdir is required (the run's directory)")
+    from pivot_jax import workdirs
+
+    try:
+        saved = workdirs.saved_config(workdir)
+    except UserError as error:
+        sys.exit(f"error: {error}")
+    config_flags.DEFINE_config_dict("config", saved, "The run's config (default: DIR/config.json).")
+
+
 def initialize_from_flags() -> None:
     from absl import flags
 
@@ -136,6 +167,8 @@ class _QuietLibraries(logging.Filter):
             return False  # "Unable to initialize backend 'tpu'" and the like, on machines without one
         if record.pathname.endswith("image_feature.py") and "OpenCV" in str(record.msg):
             return False  # TFDS recommends OpenCV for decoding; pivot_jax decodes with PIL on purpose
+        if "/tensorflow/" in record.pathname and record.levelno < logging.WARNING:
+            return False  # SavedModel writing's INFO lines (pivot_jax.export)
         if record.name == "asyncio" and "exception was never retrieved" in str(record.msg):
             return False  # a failed save's other writes, left behind after the run reported the failure
         if "/orbax/" not in record.pathname:

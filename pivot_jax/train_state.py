@@ -43,9 +43,14 @@ def get_model(config: ml_collections.ConfigDict):
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """SGD with momentum, coupled L2 weight decay on kernels only, piecewise-constant learning rate."""
-    boundaries = {round(b * config.num_train_steps): config.optim.lr_decay for b in config.optim.lr_boundaries}
+    """SGD with momentum, coupled L2 weight decay on kernels only, piecewise-constant learning rate
+    (after `config.optim.warmup_steps` of linear warm-up from 0, when set)."""
+    warmup = config.optim.warmup_steps
+    boundaries = {round(b * config.num_train_steps) - warmup: config.optim.lr_decay for b in config.optim.lr_boundaries}
     schedule = optax.piecewise_constant_schedule(config.optim.learning_rate, boundaries)
+    if warmup:
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, config.optim.learning_rate, warmup), schedule], [warmup])
     kernels_only = lambda params: jax.tree_util.tree_map_with_path(
         lambda path, _: getattr(path[-1], "key", None) == "kernel", params
     )

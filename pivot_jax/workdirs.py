@@ -26,11 +26,13 @@ from etils import epath
 from flax import traverse_util
 
 from pivot_jax import config_lib, results
-from pivot_jax.errors import TrainingError
+from pivot_jax.errors import ConfigError, TrainingError
 
 
 def _flat(config_json: str) -> dict:
-    return traverse_util.flatten_dict(json.loads(config_json), sep=".")
+    """A saved config's fields by dotted name, with the fields added since it was saved at their
+    defaults (config_lib.FIELDS_ADDED_LATER)."""
+    return {**config_lib.FIELDS_ADDED_LATER, **traverse_util.flatten_dict(json.loads(config_json), sep=".")}
 
 
 def check(workdir, config: ml_collections.ConfigDict) -> None:
@@ -64,6 +66,32 @@ def write_config(workdir, config: ml_collections.ConfigDict, step: int) -> None:
     if path.exists() and path.read_text() != text:
         path.rename(epath.Path(workdir) / f"config.before_step_{step}.json")  # keep what the run was
     results.write_atomically(path, text)
+
+
+def _typed(value):
+    """A config.json value as the config file had it: JSON turns tuples into lists, and an unset
+    path field (None) must stay overridable from the command line as a string."""
+    if isinstance(value, dict):
+        return ml_collections.ConfigDict({key: _typed(item) for key, item in value.items()})
+    if isinstance(value, list):
+        return tuple(_typed(item) for item in value)
+    if value is None:
+        return ml_collections.FieldReference(None, field_type=str)  # every optional field is a path or name
+    return value
+
+
+def saved_config(workdir) -> ml_collections.ConfigDict:
+    """The config a run saved in `DIR/config.json` when it started, for evaluating, predicting and
+    exporting without repeating the training command."""
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+        raise ConfigError(f"--workdir: {path} does not exist (a run saves it when it starts); "
+                          "pass the run's --config=FILE instead")
+    try:
+        flat = _flat(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--workdir: {path} is not valid JSON ({error}); pass the run's --config=FILE") from None
+    return _typed(traverse_util.unflatten_dict(flat, sep="."))
 
 
 def save_class_names(workdir, class_names) -> None:

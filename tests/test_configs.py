@@ -1,5 +1,7 @@
 """Every config, in every mode x perturbation, builds and validates; bad ones name the field."""
 
+import json
+
 import pytest
 
 from pivot_jax import config_lib
@@ -41,6 +43,16 @@ def test_paper_defaults(config_path):
     assert imagenet.batch_size == 64 and imagenet.perturb.kinds == ("lr", "mr")
 
 
+def test_warmup_then_the_paper_schedule(config_path):
+    from pivot_jax import train_state
+
+    config = config_lib.load_config(config_path("mnist"))
+    config.optim.warmup_steps = 100
+    _, schedule = train_state.make_optimizer(config)
+    rates = {step: float(schedule(step)) for step in (0, 50, 100, 3999, 4000, 6000, 8000)}
+    assert rates == pytest.approx({0: 0.0, 50: 0.05, 100: 0.1, 3999: 0.1, 4000: 0.01, 6000: 1e-3, 8000: 1e-4})
+
+
 def test_perturbed_k_follows_batch_size_override(config_path):
     config = config_lib.load_config(config_path("cifar10") + ":mode=perturbed,perturb=lr")
     config.batch_size = 48
@@ -71,6 +83,7 @@ def _bad(config_path, change, dataset="mnist", arg="mode=pivot", devices=None):
         ("optim.lr_boundaries", lambda c: setattr(c.optim, "lr_boundaries", (0.8, 0.4)), "increasing"),
         ("evals", lambda c: setattr(c, "evals", ("clean", "noise")), "noise_<sigma>"),
         ("num_train_steps", lambda c: setattr(c, "num_train_steps", 0), ">= 1"),
+        ("optim.warmup_steps", lambda c: setattr(c.optim, "warmup_steps", 4000), "first learning-rate decay at step 4000"),
     ],
 )
 def test_bad_config_names_field(config_path, field, change, expected):
@@ -95,3 +108,18 @@ def test_bad_config_argument(config_path):
         config_lib.load_config(config_path("mnist") + ":perturb=blur")
     with pytest.raises(config_lib.ConfigError, match="expected mode="):
         config_lib.load_config(config_path("mnist") + ":fast")
+
+
+def test_a_config_saved_before_a_field_existed_reads_with_its_default(config_path, tmp_path):
+    from pivot_jax import workdirs
+
+    config = config_lib.load_config(config_path("mnist") + ":mode=pivot")
+    old = json.loads(config.to_json_best_effort())
+    del old["optim"]["warmup_steps"]  # as runs saved it before warm-up existed
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    saved = workdirs.saved_config(tmp_path)
+    assert saved.optim.warmup_steps == 0 and saved.to_dict() == config.to_dict()
+    workdirs.check(tmp_path, config)  # resuming it with today's config is not a config change
+    config.optim.warmup_steps = 10
+    with pytest.raises(workdirs.TrainingError, match="optim.warmup_steps: 0 -> 10"):
+        workdirs.check(tmp_path, config)

@@ -24,7 +24,8 @@ def _flip_box(box: np.ndarray) -> np.ndarray:
     return np.array([box[0], 1.0 - box[3], box[2], 1.0 - box[1]], np.float32)
 
 
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, C] -> [size, size, C], bilinear."""
     channels = image.shape[-1]
     pil = Image.fromarray(image[..., 0] if channels == 1 else image)
     out = np.asarray(pil.resize((size, size), Image.BILINEAR), np.uint8)
@@ -53,7 +54,7 @@ class TrainTransform(grain.transforms.RandomMap):
             crop_w = int(min(width, max(1, round(np.sqrt(area * aspect)))))
             top = int(rng.integers(0, height - crop_h + 1))
             left = int(rng.integers(0, width - crop_w + 1))
-            image = _resize(image[top : top + crop_h, left : left + crop_w], self.size)
+            image = resize(image[top : top + crop_h, left : left + crop_w], self.size)
             box = _crop_box(box, top, left, crop_h, crop_w, height, width)
         if self.augment != "none" and rng.random() < 0.5:
             image, box = image[:, ::-1], _flip_box(box)
@@ -73,6 +74,6 @@ class EvalTransform(grain.transforms.Map):
         height, width = image.shape[:2]
         crop = int(round(min(height, width) * 0.875))
         top, left = (height - crop) // 2, (width - crop) // 2
-        image = _resize(image[top : top + crop, left : left + crop], self.size)
+        image = resize(image[top : top + crop, left : left + crop], self.size)
         box = _crop_box(box, top, left, crop, crop, height, width)
         return {"image": image, "label": example["label"], "box": box}

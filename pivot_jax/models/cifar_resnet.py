@@ -30,7 +30,11 @@ class BasicBlock(nn.Module):
         y = self.norm()(y)
         shortcut = x
         if self.strides != 1:
-            shortcut = nn.avg_pool(shortcut, (self.strides, self.strides), (self.strides, self.strides))
+            # s x s average pooling as a mean over reshaped blocks: the same numbers as nn.avg_pool,
+            # and an op that TFLite's int8 quantiser supports (its reduce_window is not).
+            n, h, w, c = shortcut.shape
+            s = self.strides
+            shortcut = jnp.mean(shortcut.reshape(n, h // s, s, w // s, s, c), axis=(2, 4))
         extra = self.channels - x.shape[-1]
         if extra:
             shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (0, extra)))

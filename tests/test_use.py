@@ -1,0 +1,236 @@
+"""A trained run: its accuracy, evaluation from its workdir alone, classifying image files, and the
+export for edge devices. All use one 400-step MNIST run (`mnist_trained_run`)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import CONFIGS, REPO
+from pivot_jax import checkpoint, config_lib, data, evaluate, export, models, predict, workdirs
+from pivot_jax.errors import CheckpointError, ConfigError, DataError
+
+
+@pytest.fixture(scope="module")
+def mnist_trained_run(mnist_data_dir, tmp_path_factory):
+    """400 steps of the paper's MNIST pivot setting, with its schedule shape: a model that has learned,
+    for the tests that need one (accuracy, predict, export, evaluate from the workdir). Evaluated on
+    1,000 test images. Returns (workdir, config, RunResult)."""
+    from pivot_jax import train
+
+    config = config_lib.load_config(f"{CONFIGS / 'mnist.py'}:mode=pivot,perturb=noise")
+    config.data.data_dir, config.data.download = mnist_data_dir, False
+    config.num_train_steps = config.eval_every_steps = config.checkpoint_every_steps = 400
+    config.data.test_examples = 1000
+    config.sweep_evals = ("noise_0.1", "lr2_nearest")
+    workdir = tmp_path_factory.mktemp("mnist_trained")
+    return str(workdir), config, train.train_and_evaluate(config, str(workdir))
+
+
+def run_module(module, *args):
+    return subprocess.run([sys.executable, "-m", f"pivot_jax.{module}", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def direct_logits(workdir, config, images_uint8):
+    """The checkpoint's logits computed here from its saved arrays, independently of predict/export."""
+    _, state = checkpoint.saved_state(workdir)
+    model = models.get_model(config.model.name, num_classes=config.data.num_classes)
+    inputs = images_uint8.astype(np.float32) / 255.0 - np.asarray(state["input_mean"])
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    return np.asarray(model.apply(variables, jnp.asarray(inputs), train=False))
+
+
+@pytest.fixture(scope="module")
+def test_images(mnist_trained_run):
+    _, config, _ = mnist_trained_run
+    split = data.open_split(config.data, "test")
+    return split.source.images[:256], split.source.labels[:256]
+
+
+@pytest.mark.slow
+def test_short_pivot_run_is_accurate_and_robust(mnist_trained_run):
+    """400 steps of the paper's MNIST pivot setting, with its schedule shape (conftest)."""
+    _, _, result = mnist_trained_run
+    assert result.finished and result.step == 400
+    assert result.accuracy["clean"] >= 0.97, result.accuracy
+    assert result.accuracy["noise_0.15"] >= 0.90, result.accuracy
+
+
+def test_evaluate_from_the_workdir_alone_reproduces_the_config(mnist_trained_run):
+    workdir, config, _ = mnist_trained_run
+    with_config = evaluate.evaluate_checkpoint(config, workdir)
+    from_workdir = run_module("evaluate", f"--workdir={workdir}")
+    assert from_workdir.returncode == 0, from_workdir.stderr[-3000:]
+    saved = json.loads(open(os.path.join(workdir, "eval", "results.json")).read())
+    assert saved["step"] == with_config["step"] == 400
+    assert saved["accuracy"] == pytest.approx(with_config["accuracy"], abs=1e-9)
+    assert set(saved["accuracy"]) == set(config.evals) | {"noise_0.1", "lr2_nearest"}
+    # Overrides still apply to the saved config.
+    overridden = run_module("evaluate", f"--workdir={workdir}", "--config.evals=('lr4_nearest',)",
+                            "--config.sweep_evals=()", "--config.data.test_examples=100")
+    assert overridden.returncode == 0, overridden.stderr[-3000:]
+    saved = json.loads(open(os.path.join(workdir, "eval", "results.json")).read())
+    assert set(saved["accuracy"]) == {"lr4_nearest"} and saved["num_examples"] == {"lr4_nearest": 100}
+
+
+def test_saved_config_keeps_types_and_stays_overridable(mnist_trained_run):
+    workdir, config, _ = mnist_trained_run
+    saved = workdirs.saved_config(workdir)
+    assert saved.to_dict() == config.to_dict()
+    assert isinstance(saved.evals, tuple) and isinstance(saved.optim.lr_boundaries, tuple)
+    saved.data.box_file = "boxes.json"  # None in the file; still a string field
+    with pytest.raises(TypeError):
+        saved.data.box_file = 3
+    config_lib.validate(saved)
+
+
+def test_predict_gives_the_classes_evaluation_gives(mnist_trained_run, test_images, tmp_path):
+    workdir, config, _ = mnist_trained_run
+    images, _ = test_images
+    expected = np.argmax(direct_logits(workdir, config, images[:6]), -1)
+    paths = []
+    for index, image in enumerate(images[:6]):
+        paths.append(tmp_path / f"digit_{index}.png")
+        Image.fromarray(image[..., 0]).save(paths[-1])
+    # An RGB image twice the size: converted and resized the way evaluation would, and said so.
+    Image.fromarray(np.repeat(images[0], 3, -1)).resize((56, 56), Image.NEAREST).save(tmp_path / "big_rgb.png")
+    result = run_module("predict", f"--workdir={workdir}", "--format=json", "--top_k=3",
+                        str(tmp_path / "digit_*.png"), str(tmp_path / "big_rgb.png"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = json.loads(result.stdout)
+    assert output["step"] == 400 and output["perturbation"] == "clean"
+    predictions = output["predictions"]
+    assert [p["file"] for p in predictions[:6]] == [str(p) for p in paths]
+    assert [p["top"][0]["label"] for p in predictions[:6]] == expected.tolist()
+    assert [p["top"][0]["class"] for p in predictions[:6]] == [str(label) for label in expected]
+    for p in predictions:
+        probabilities = [entry["probability"] for entry in p["top"]]
+        assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
+        assert 0.0 < sum(probabilities) <= 1.0 + 1e-6
+    assert predictions[-1]["notes"] == ["converted from RGB to L", "resized from 56x56 to 28x28 (bilinear)"]
+    assert predictions[-1]["top"][0]["label"] == expected[0]
+    assert predictions[0]["notes"] == []
+
+
+def test_predict_applies_the_named_perturbation(mnist_trained_run, test_images):
+    workdir, config, _ = mnist_trained_run
+    images, _ = test_images
+    probabilities, step = predict.predict_probabilities(config, workdir, images[:70], "lr4_nearest")
+    assert step == 400 and probabilities.shape == (70, 10)  # two batches, the second padded
+    low_resolution = np.repeat(np.repeat(images[:70, ::4, ::4], 4, 1), 4, 2)
+    expected = direct_logits(workdir, config, low_resolution)
+    np.testing.assert_allclose(probabilities, np.asarray(jax.nn.softmax(expected)), atol=2e-5)
+
+
+def test_predict_output_formats(mnist_trained_run, tmp_path):
+    image = predict.PreparedImage("a.png", np.zeros((28, 28, 1), np.uint8), ["resized from 1x1 to 28x28 (bilinear)"])
+    probabilities = np.array([[0.1, 0.7, 0.2]])
+    ranked = predict.rankings(probabilities, ("cat", "dog", "owl"), 2)
+    assert ranked == [[{"label": 1, "class": "dog", "probability": 0.7}, {"label": 2, "class": "owl", "probability": 0.2}]]
+    csv_lines = predict.render([image], ranked, "csv", "clean", 5).splitlines()
+    assert csv_lines[0] == "file,rank,label,class,probability,perturbation,notes"
+    assert csv_lines[1] == "a.png,1,1,dog,0.700000,clean,resized from 1x1 to 28x28 (bilinear)"
+    text = predict.render([image], ranked, "text", "noise_0.15", 5)
+    assert text.splitlines() == ["checkpoint step 5, perturbation: noise_0.15",
+                                 "a.png: dog 70.0%, owl 20.0%  [resized from 1x1 to 28x28 (bilinear)]"]
+
+
+def test_predict_bad_input_is_refused_before_any_compute(mnist_trained_run, tmp_path):
+    workdir, config, _ = mnist_trained_run
+    (tmp_path / "notes.txt").write_text("not an image")
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "ok.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "ok.png").read_bytes()[:40])
+    with pytest.raises(DataError, match="cannot read the image .*notes.txt"):
+        predict.prepare_image(str(tmp_path / "notes.txt"), config.data)
+    with pytest.raises(DataError, match="cannot read the image .*cut.png"):
+        predict.prepare_image(str(tmp_path / "cut.png"), config.data)
+    with pytest.raises(DataError, match="missing.png: no such file"):
+        predict.expand_paths([str(tmp_path / "ok.png"), str(tmp_path / "missing.png")])
+    with pytest.raises(DataError, match="matches no file"):
+        predict.expand_paths([str(tmp_path / "*.jpg")])
+    with pytest.raises(ConfigError, match="--perturb: got 'blur_3', expected a name of the form"):
+        predict.check_flags(config, "blur_3", 5)
+    with pytest.raises(ConfigError, match="--top_k"):
+        predict.check_flags(config, "clean", 0)
+    empty = tmp_path / "no_checkpoint"
+    empty.mkdir()
+    (empty / "config.json").write_text(open(os.path.join(workdir, "config.json")).read())
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
+        predict.predict_probabilities(config, str(empty), np.zeros((1, 28, 28, 1), np.uint8))
+    with pytest.raises(ConfigError, match="config.json does not exist"):
+        workdirs.saved_config(tmp_path)
+    # On the command line: one line, no traceback, nothing printed but the error.
+    result = run_module("predict", f"--workdir={workdir}", str(tmp_path / "ok.png"), str(tmp_path / "notes.txt"))
+    assert result.returncode != 0 and result.stdout == ""
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot read the image")
+    assert "Traceback" not in result.stderr
+    no_config = run_module("predict", f"--workdir={tmp_path}", str(tmp_path / "ok.png"))
+    assert no_config.returncode != 0 and "config.json does not exist" in no_config.stderr
+
+
+@pytest.fixture(scope="module")
+def exported(mnist_trained_run, tmp_path_factory):
+    workdir, config, _ = mnist_trained_run
+    out = tmp_path_factory.mktemp("export") / "mnist_model"
+    manifest = export.export(config, workdir, str(out), calibration_examples=64)
+    return out, manifest
+
+
+def test_export_matches_the_jax_model(mnist_trained_run, exported, test_images):
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    workdir, config, _ = mnist_trained_run
+    out, manifest = exported
+    images, labels = test_images
+    expected = direct_logits(workdir, config, images)
+    assert manifest["step"] == 400 and manifest["classes"] == [str(i) for i in range(10)]
+    assert manifest["input"]["shape"] == ["batch", 28, 28, 1] and manifest["input"]["dtype"] == "uint8"
+    assert json.loads((out / "export.json").read_text()) == manifest
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+    serving = tf.saved_model.load(str(out / "saved_model")).signatures[export.SIGNATURE]
+    outputs = serving(images=tf.constant(images))
+    # Float32 on both sides; the SavedModel runs XLA's convolution, the checkpoint was trained with
+    # whichever the run chose: differences are summation order only.
+    np.testing.assert_allclose(outputs["logits"].numpy(), expected, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(outputs["probabilities"].numpy(), jax.nn.softmax(expected), atol=1e-5)
+
+    def tflite_logits(name, count):
+        runner = Interpreter(model_path=str(out / export.FILES[name])).get_signature_runner(export.SIGNATURE)
+        return np.stack([runner(images=images[i : i + 1])["logits"][0] for i in range(count)])
+
+    np.testing.assert_allclose(tflite_logits("float32", 64), expected[:64], rtol=1e-4, atol=1e-3)
+    quantized = tflite_logits("int8", 256)
+    # int8 changes the numbers, not (mostly) the decisions of a model that has learned.
+    agreement = np.mean(np.argmax(quantized, -1) == np.argmax(expected, -1))
+    assert agreement >= 0.97, agreement
+    assert np.mean(np.argmax(quantized, -1) == labels) >= 0.9
+    sizes = manifest["files"]
+    assert sizes["int8"]["bytes"] < 0.4 * sizes["float32"]["bytes"]
+
+
+def test_export_never_overwrites_or_leaves_half_an_export(mnist_trained_run, exported, monkeypatch, tmp_path):
+    workdir, config, _ = mnist_trained_run
+    out, _ = exported
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(ConfigError, match="exists; choose another path or pass --overwrite"):
+        export.export(config, workdir, str(out))
+
+    def converter_fails(*args, **kwargs):
+        raise RuntimeError("converter failed")
+
+    monkeypatch.setattr(export, "_tflite", converter_fails)
+    with pytest.raises(RuntimeError, match="converter failed"):
+        export.export(config, workdir, str(out), overwrite=True, calibration_examples=8)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # the old export is intact
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+    with pytest.raises(ConfigError, match="the folder .* does not exist"):
+        export.check_output(tmp_path / "missing" / "model", overwrite=False)
