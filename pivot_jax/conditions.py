@@ -1,8 +1,10 @@
 """Test conditions by name, as `config.evals` and `results.json` write them (no JAX here).
 
-`clean`, `noise_<sigma>`, `lr<factor>_<method>` and `mr<factor>_<method>`, e.g. `noise_0.15`,
-`lr4_bicubic`, `mr4_nearest`. `pivot_jax.perturb.EvalPerturbation` adds how each is applied on the
-device; reports and plots only need to read the names.
+`clean`, `noise_<sigma>`, `lr<factor>_<method>`, `mr<factor>_<method>` and the common corruptions
+`<corruption>_<severity 1-5>`, e.g. `noise_0.15`, `lr4_bicubic`, `mr4_nearest`, `jpeg_compression_3`.
+The name `corruptions` stands for the whole suite (every corruption at every severity).
+`pivot_jax.perturb.EvalPerturbation` adds how each is applied on the device; reports and plots only
+need to read the names.
 """
 
 from __future__ import annotations
@@ -11,8 +13,36 @@ import dataclasses
 import re
 
 METHODS = ("nearest", "bicubic")
-_NAME = re.compile(r"^(?:(clean)|noise_(\d+(?:\.\d+)?)|(lr|mr)(\d+)_(nearest|bicubic))$")
-NAME_FORMS = "'clean', 'noise_<sigma>', 'lr<factor>_<method>', 'mr<factor>_<method>'"
+# The common-corruption suite (Hendrycks & Dietterich 2019) that pivot_jax.corruptions implements.
+CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "gaussian_blur", "defocus_blur",
+               "pixelate", "jpeg_compression", "contrast", "brightness", "saturate")
+SEVERITIES = (1, 2, 3, 4, 5)
+SUITE = "corruptions"  # in config.evals / sweep_evals: every corruption at every severity
+_NAME = re.compile(r"^(?:(clean)|noise_(\d+(?:\.\d+)?)|(lr|mr)(\d+)_(nearest|bicubic)|"
+                   rf"({'|'.join(CORRUPTIONS)})_([1-5]))$")
+NAME_FORMS = ("'clean', 'noise_<sigma>', 'lr<factor>_<method>', 'mr<factor>_<method>', "
+              f"'<corruption>_<1-5>' (corruption one of {', '.join(CORRUPTIONS)}), or '{SUITE}'")
+
+
+def suite_names() -> list[str]:
+    """Every corruption at every severity, in the suite's order."""
+    return [f"{name}_{severity}" for name in CORRUPTIONS for severity in SEVERITIES]
+
+
+def expand(names) -> list[str]:
+    """`names` with `corruptions` replaced by the whole suite, each name once, in order."""
+    out = []
+    for name in names:
+        for item in suite_names() if name == SUITE else [name]:
+            if item not in out:
+                out.append(item)
+    return out
+
+
+def suite_mean(accuracy: dict[str, float]) -> float | None:
+    """The suite's mean accuracy (RobustBench's `corruptions_acc`), when every condition was evaluated."""
+    names = suite_names()
+    return sum(accuracy[n] for n in names) / len(names) if all(n in accuracy for n in names) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,10 +50,12 @@ class EvalCondition:
     """One test condition: its name and the perturbation's parameters parsed from it."""
 
     name: str
-    kind: str  # "clean", "noise", "lr" or "mr"
+    kind: str  # "clean", "noise", "lr", "mr" or "corruption"
     sigma: float = 0.0
     factor: int = 1
     method: str = "nearest"
+    corruption: str = ""
+    severity: int = 0
 
     @classmethod
     def parse(cls, name: str):
@@ -31,10 +63,12 @@ class EvalCondition:
         match = _NAME.match(name)
         if not match:
             raise ValueError(
-                f"config.evals: got {name!r}, expected a name of the form {NAME_FORMS} "
-                "with method nearest or bicubic"
+                f"config.evals: got {name!r}, expected a name of the form {NAME_FORMS}; "
+                "method nearest or bicubic"
             )
-        clean, sigma, kind, factor, method = match.groups()
+        clean, sigma, kind, factor, method, corruption, severity = match.groups()
+        if corruption:
+            return cls(name, "corruption", corruption=corruption, severity=int(severity))
         if clean:
             return cls(name, "clean")
         if sigma is not None:

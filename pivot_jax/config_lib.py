@@ -7,13 +7,18 @@ A config file builds `base_config(...)` with its data set's paper settings and a
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
+from pivot_jax import conditions, corruptions
 from pivot_jax import perturb as perturb_lib
 from pivot_jax.errors import ConfigError
 
 MODES = ("clean", "perturbed", "mixed", "pivot")
-PERTURBS = {"noise": ("noise",), "lr": ("lr",), "mr": ("mr",), "lr+mr": ("lr", "mr")}
+PERTURBS = {"noise": ("noise",), "lr": ("lr",), "mr": ("mr",), "lr+mr": ("lr", "mr"),
+            # a common corruption, severity drawn per image; or all of them, one drawn per image
+            **{name: (name,) for name in conditions.CORRUPTIONS}, conditions.SUITE: (conditions.SUITE,)}
 AUGMENTS = ("none", "cifar", "imagenet")
 # Noise far beyond the pixel range turns every image into clipped noise: a typo, not an experiment.
 MAX_SIGMA = 2.0
@@ -29,7 +34,7 @@ FIELDS_A_RESUME_MAY_CHANGE = (
 
 # Fields added after runs were already saved, with the value that gives those runs' behaviour: a
 # config.json without them reads as if it had them (evaluation, export, and resuming such a run).
-FIELDS_ADDED_LATER = {"optim.warmup_steps": 0}
+FIELDS_ADDED_LATER = {"optim.warmup_steps": 0, "perturb.corruption_table": "auto"}
 
 
 def parse_arg(arg: str | None, default_perturb: str = "noise") -> dict[str, str | bool]:
@@ -136,6 +141,9 @@ def base_config(
     config.perturb.max_sigma = 0.15
     config.perturb.factors = (2, 4)
     config.perturb.methods = perturb_lib.METHODS
+    # The common corruptions' parameters (training and test conditions): "cifar10" (CIFAR-10-C),
+    # "imagenet" (ImageNet-C), or "auto": ImageNet-C's for images of 64 pixels or more.
+    config.perturb.corruption_table = "auto"
 
     config.evals = ("clean",)  # evaluated periodically in training and by `pivot_jax.evaluate`
     # Severity sweeps, evaluated by `pivot_jax.evaluate` (not during training).
@@ -180,15 +188,15 @@ def perturb_spec(config: ml_collections.ConfigDict) -> perturb_lib.PerturbSpec:
         max_sigma=config.perturb.max_sigma,
         factors=tuple(config.perturb.factors),
         methods=tuple(config.perturb.methods),
+        corruption_table=config.perturb.corruption_table,
     )
 
 
 def eval_perturbations(config: ml_collections.ConfigDict, sweeps: bool = False) -> list[perturb_lib.EvalPerturbation]:
     """The configured test conditions, in order; with `sweeps`, followed by the sweeps' other ones."""
-    names = list(config.evals)
-    if sweeps:
-        names += [name for name in config.sweep_evals if name not in names]
-    return [perturb_lib.EvalPerturbation.parse(name) for name in names]
+    names = conditions.expand([*config.evals, *(config.sweep_evals if sweeps else ())])
+    table = corruptions.table_for(config.perturb.corruption_table, config.data.image_size)
+    return [dataclasses.replace(perturb_lib.EvalPerturbation.parse(name), corruption_table=table) for name in names]
 
 
 def _require(ok: bool, field: str, value, expected: str) -> None:
@@ -272,6 +280,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if "mr" in kinds or any(name.startswith("mr") for name in c.evals):
         _require(c.data.image_size >= 2, "data.image_size", c.data.image_size, ">= 2 for MR")
 
+    _require(c.perturb.corruption_table in ("auto", *corruptions.TABLES), "perturb.corruption_table",
+             c.perturb.corruption_table, f"'auto' or one of {corruptions.TABLES}")
     _require(len(c.evals) > 0, "evals", tuple(c.evals), "at least one evaluation")
     try:
         eval_perturbations(c, sweeps=True)

@@ -17,10 +17,12 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from pivot_jax import conditions
+from pivot_jax import conditions, corruptions
 
 METHODS = conditions.METHODS
-KINDS = ("noise", "lr", "mr")
+# Training perturbations: Gaussian noise, LR, MR, one common corruption (severity drawn per image), or
+# `corruptions`, a corruption and a severity drawn per image from the whole suite.
+KINDS = ("noise", "lr", "mr", *conditions.CORRUPTIONS, conditions.SUITE)
 
 
 def _check_method(method: str) -> None:
@@ -144,6 +146,7 @@ class PerturbSpec:
     max_sigma: float = 0.15
     factors: tuple[int, ...] = (2, 4)
     methods: tuple[str, ...] = METHODS
+    corruption_table: str = "auto"  # the corruptions' parameters: cifar10, imagenet, or auto (by size)
 
     def __post_init__(self):
         if len(self.kinds) != len(self.counts):
@@ -174,6 +177,9 @@ def perturb_batch(key: jax.Array, images: jax.Array, boxes: jax.Array, spec: Per
             outputs.append(random_noise(part_key, part, spec.max_sigma))
         elif kind == "lr":
             outputs.append(random_low_resolution(part_key, part, spec.factors, spec.methods))
+        elif kind != "mr":
+            names = conditions.CORRUPTIONS if kind == conditions.SUITE else (kind,)
+            outputs.append(corruptions.random_corruption(part_key, part, names, spec.corruption_table))
         else:
             outputs.append(
                 random_mixed_resolution(part_key, part, part_boxes, spec.factors, spec.methods)
@@ -185,8 +191,14 @@ def perturb_batch(key: jax.Array, images: jax.Array, boxes: jax.Array, spec: Per
 # Fixed test-time perturbations, by the names of `pivot_jax.conditions`.
 
 
+@dataclasses.dataclass(frozen=True)
 class EvalPerturbation(conditions.EvalCondition):
-    """A named test condition (`noise_0.15`, `lr4_bicubic`, ...) that can be applied to a batch."""
+    """A named test condition (`noise_0.15`, `lr4_bicubic`, `jpeg_compression_3`, ...) that can be
+    applied to a batch. Corruptions use the `corruption_table` parameters and, with `to_uint8`, are
+    stored as uint8 like the released corruption data sets."""
+
+    corruption_table: str = "auto"
+    to_uint8: bool = True
 
     def apply(self, keys: jax.Array, images: jax.Array, boxes: jax.Array) -> jax.Array:
         """Perturbs a batch [n, H, W, C] with one key per image, so that an example's noise does not
@@ -197,4 +209,8 @@ class EvalPerturbation(conditions.EvalCondition):
             return jax.vmap(lambda k, x: gaussian_noise(k, x, self.sigma))(keys, images)
         if self.kind == "lr":
             return jax.vmap(lambda x: low_resolution(x, self.factor, self.method))(images)
+        if self.kind == "corruption":
+            corrupt = lambda k, x: corruptions.corrupt(k, x, self.corruption, self.severity, self.corruption_table,
+                                                       self.to_uint8)
+            return jax.vmap(corrupt)(keys, images)
         return jax.vmap(lambda x, b: mixed_resolution(x, b, self.factor, self.method))(images, boxes)

@@ -27,6 +27,17 @@ def markdown_table(accuracy: dict[str, float]) -> str:
     ])
 
 
+def corruption_table(accuracy: dict[str, float]) -> str:
+    """Accuracy (%) per corruption (rows) and severity (columns), with each corruption's mean."""
+    lines = ["| corruption | " + " | ".join(str(s) for s in conditions.SEVERITIES) + " | mean |",
+             "|---|" + "---:|" * (len(conditions.SEVERITIES) + 1)]
+    for name in conditions.CORRUPTIONS:
+        values = [accuracy[f"{name}_{s}"] for s in conditions.SEVERITIES]
+        lines.append(f"| {name} | " + " | ".join(f"{100 * v:.2f}" for v in values)
+                     + f" | {100 * sum(values) / len(values):.2f} |")
+    return "\n".join(lines)
+
+
 def write_atomically(path, text: str) -> None:
     """`path` holds either its old content or `text`, never a part of it."""
     path = epath.Path(path)
@@ -67,10 +78,15 @@ def write_results(eval_dir, step: int, accuracy: dict[str, float], num_examples:
         "num_examples": {name: int(num_examples) for name in accuracy},
         "mr_boxes": box_source,
     }
-    table = markdown_table(accuracy)
-    write_atomically(out_dir / "results.md",
-                     f"Test accuracy (%) at step {step} on {num_examples} examples; MR boxes: {box_source}.\n\n"
-                     f"{table}\n")
+    suite = conditions.suite_mean(accuracy)
+    # The suite's 55 conditions get a table of their own below.
+    table = markdown_table({n: a for n, a in accuracy.items() if suite is None or n not in conditions.suite_names()})
+    text = f"Test accuracy (%) at step {step} on {num_examples} examples; MR boxes: {box_source}.\n\n{table}\n"
+    if suite is not None:
+        results["corruptions_mean"] = suite
+        text += f"\nCommon corruptions, mean of {len(conditions.suite_names())} conditions: {100 * suite:.2f}\n\n"
+        text += corruption_table(accuracy) + "\n"
+    write_atomically(out_dir / "results.md", text)
     # results.json last: a reader that sees it sees the matching results.md.
     write_atomically(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
     return out_dir, table

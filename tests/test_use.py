@@ -234,3 +234,25 @@ def test_export_never_overwrites_or_leaves_half_an_export(mnist_trained_run, exp
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
     with pytest.raises(ConfigError, match="the folder .* does not exist"):
         export.check_output(tmp_path / "missing" / "model", overwrite=False)
+
+
+def test_jpeg_on_the_device_gives_the_accuracy_of_pils_jpeg(mnist_trained_run, test_images):
+    """The trained model on the test images JPEG-compressed by Pillow and by pivot_jax.corruptions."""
+    import io
+
+    from pivot_jax import corruptions
+
+    workdir, config, _ = mnist_trained_run
+    images, labels = test_images
+    for quality in (25, 10, 7):
+        encoded = []
+        for image in images:
+            buffer = io.BytesIO()
+            Image.fromarray(image[..., 0]).save(buffer, "JPEG", quality=quality)
+            encoded.append(np.asarray(Image.open(buffer))[..., None])
+        on_device = jax.vmap(lambda x: corruptions.jpeg_compression(None, x, quality))(
+            jnp.asarray(images / 255.0, jnp.float32))
+        ours = np.round(np.asarray(on_device) * 255).astype(np.uint8)
+        accuracy_pil = np.mean(np.argmax(direct_logits(workdir, config, np.stack(encoded)), -1) == labels)
+        accuracy_ours = np.mean(np.argmax(direct_logits(workdir, config, ours), -1) == labels)
+        assert abs(accuracy_pil - accuracy_ours) <= 0.005, (quality, accuracy_pil, accuracy_ours)

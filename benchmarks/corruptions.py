@@ -1,0 +1,139 @@
+"""The common-corruption suite on the device against a reference pipeline on the host.
+
+    python benchmarks/corruptions.py [--images N] [--cifar-folder DIR] [--json FILE]
+
+Both produce every corruption at every severity (11 x 5) for N 32x32 RGB images (default: the 10,000
+of the CIFAR-10 test split when --cifar-folder is given, else random smooth images), stored as uint8.
+The host reference is what a user runs without pivot_jax: NumPy, SciPy and Pillow per image, one
+process, the published formulas (Pillow for pixelate and JPEG, SciPy's filters for the blurs,
+Matplotlib's vectorised HSV conversion). The device side is `pivot_jax.corruptions` under
+jit(vmap) over batches of 1,000, compiled before timing. Each side is timed once over the whole suite
+(the reference is too slow to repeat), after a warm-up on one batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import pathlib
+import time
+
+import numpy as np
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--images", type=int, default=10_000)
+parser.add_argument("--cifar-folder", default=None)
+parser.add_argument("--json", default=None)
+args = parser.parse_args()
+
+from pivot_jax import runtime  # noqa: E402
+
+runtime.configure_cpu_defaults()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import scipy.ndimage  # noqa: E402
+from matplotlib.colors import hsv_to_rgb, rgb_to_hsv  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pivot_jax import corruptions  # noqa: E402
+
+PARAMS = corruptions.PARAMS["cifar10"]
+
+
+def load_images(count: int) -> np.ndarray:
+    if args.cifar_folder:
+        files = sorted(pathlib.Path(args.cifar_folder, "test").glob("*/*"))[:count]
+        return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    rng = np.random.default_rng(0)
+    small = rng.uniform(0, 255, (count, 8, 8, 3)).astype(np.uint8)
+    return np.stack([np.asarray(Image.fromarray(s).resize((32, 32), Image.BICUBIC)) for s in small])
+
+
+def reference(name: str, c, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One uint8 image under one corruption, on the host."""
+    x = image / 255.0
+    if name == "gaussian_noise":
+        x = x + rng.normal(size=x.shape, scale=c)
+    elif name == "shot_noise":
+        x = rng.poisson(x * c) / c
+    elif name == "impulse_noise":
+        flipped, salted = rng.random(x.shape) < c, rng.random(x.shape) < 0.5
+        x = np.where(flipped, salted.astype(float), x)
+    elif name == "speckle_noise":
+        x = x + x * rng.normal(size=x.shape, scale=c)
+    elif name == "gaussian_blur":
+        x = scipy.ndimage.gaussian_filter(x, sigma=(c, c, 0), mode="nearest", truncate=4.0)
+    elif name == "defocus_blur":
+        kernel = corruptions.defocus_kernel(*c)
+        x = np.stack([scipy.ndimage.correlate(x[..., ch], kernel, mode="mirror") for ch in range(3)], -1)
+    elif name == "pixelate":
+        small = int(32 * c)
+        return np.asarray(Image.fromarray(image).resize((small, small), Image.BOX).resize((32, 32), Image.BOX))
+    elif name == "jpeg_compression":
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "JPEG", quality=c)
+        return np.asarray(Image.open(buffer))
+    elif name == "contrast":
+        means = x.mean((0, 1), keepdims=True)
+        x = (x - means) * c + means
+    else:
+        hsv = rgb_to_hsv(x)
+        if name == "brightness":
+            hsv[..., 2] = np.clip(hsv[..., 2] + c, 0, 1)
+        else:
+            hsv[..., 1] = np.clip(hsv[..., 1] * c[0] + c[1], 0, 1)
+        x = hsv_to_rgb(hsv)
+    return np.uint8(np.clip(x, 0, 1) * 255)
+
+
+def host_suite(images: np.ndarray) -> float:
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for name in corruptions.CORRUPTIONS:
+        for c in PARAMS[name]:
+            for image in images:
+                reference(name, c, image, rng)
+    return time.perf_counter() - start
+
+
+def device_suite(images: np.ndarray, batch: int = 1000) -> float:
+    functions = {}
+    for name in corruptions.CORRUPTIONS:
+        for severity in corruptions.SEVERITIES:
+            functions[name, severity] = jax.jit(jax.vmap(
+                lambda k, x, name=name, severity=severity: corruptions.corrupt(k, x, name, severity, "cifar10", True)))
+    batches = [jnp.asarray(images[s : s + batch]) for s in range(0, len(images), batch)]
+    keys = jax.random.split(jax.random.key(0), batch)
+
+    def run_all():
+        outputs = []
+        for fn in functions.values():
+            for b in batches:
+                outputs.append((fn(keys[: len(b)], b.astype(jnp.float32) / 255.0) * 255).astype(jnp.uint8))
+        jax.block_until_ready(outputs)
+
+    for fn in functions.values():  # compile
+        jax.block_until_ready(fn(keys[: len(batches[0])], batches[0].astype(jnp.float32) / 255.0))
+    start = time.perf_counter()
+    run_all()
+    return time.perf_counter() - start
+
+
+images = load_images(args.images)
+count = len(images)
+host_suite(images[:2])  # warm-up (imports, caches)
+device_seconds = device_suite(images)
+host_seconds = host_suite(images)
+conditions = len(corruptions.CORRUPTIONS) * len(corruptions.SEVERITIES)
+result = {
+    "images": count, "conditions": conditions, "source": "CIFAR-10 JPEG copy, test split" if args.cifar_folder
+    else "random smooth 32x32 images",
+    "device_seconds": device_seconds, "host_seconds": host_seconds, "speedup": host_seconds / device_seconds,
+    "device_images_per_s": count * conditions / device_seconds, "host_images_per_s": count * conditions / host_seconds,
+    "devices": jax.device_count(), "platform": jax.default_backend(),
+}
+print(json.dumps(result, indent=1))
+if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

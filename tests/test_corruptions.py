@@ -1,0 +1,284 @@
+"""The common corruptions against references written here from the published formulas with NumPy, PIL
+and SciPy (never by calling the JAX ops), the random ones by their statistics; names and severities."""
+
+import colorsys
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.ndimage
+from PIL import Image
+
+from pivot_jax import conditions, config_lib, corruptions, perturb
+
+RNG = np.random.default_rng(0)
+
+
+def smooth_images(count, size=32, channels=3):
+    """Natural-looking test images: upsampled random colour fields with a little pixel noise (not
+    JPEG-decoded, see test_jpeg_on_a_jpeg_source)."""
+    small = RNG.uniform(0, 255, (count, 8, 8, 3)).astype(np.uint8)
+    images = np.stack([np.asarray(Image.fromarray(s).resize((size, size), Image.BICUBIC)) for s in small]).astype(int)
+    images = np.clip(images + RNG.integers(-3, 4, images.shape), 0, 255).astype(np.uint8)
+    return images if channels == 3 else images[..., :1]
+
+
+def ours(name, c, images_uint8, key=jax.random.key(0)):
+    fn = jax.jit(jax.vmap(lambda k, x: corruptions.OPS[name](k, x, c)))
+    keys = jax.random.split(key, len(images_uint8))
+    return np.asarray(fn(keys, jnp.asarray(images_uint8 / 255.0, jnp.float32)), np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic ops: exact or within a stated tolerance.
+
+
+@pytest.mark.parametrize("sigma", [0.4, 1.0, 3.0])
+def test_gaussian_blur_is_scikit_images_gaussian(sigma):
+    """skimage.filters.gaussian = scipy.ndimage.gaussian_filter with mode 'nearest', truncate 4."""
+    images = smooth_images(4)
+    expected = np.stack([scipy.ndimage.gaussian_filter(x / 255.0, sigma=(sigma, sigma, 0), mode="nearest",
+                                                       truncate=4.0) for x in images])
+    np.testing.assert_allclose(ours("gaussian_blur", sigma, images), expected, atol=2e-6)
+
+
+def _opencv_gaussian_kernel(size, sigma):
+    x = np.arange(size) - (size - 1) / 2
+    taps = np.exp(-(x**2) / (2 * sigma**2))
+    return taps / taps.sum()
+
+
+@pytest.mark.parametrize("radius,alias", [(0.3, 0.4), (1, 0.2), (1.5, 0.1), (3, 0.1), (10, 0.5)])
+def test_defocus_blur_is_the_published_disk(radius, alias):
+    # The disk of the published script, built here: grid, normalise, OpenCV's separable Gaussian
+    # blur of the kernel (reflect-101 border), then filter2D per channel (reflect-101 border).
+    grid = np.arange(-8, 9) if radius <= 8 else np.arange(-radius, radius + 1)
+    size = 3 if radius <= 8 else 5
+    xx, yy = np.meshgrid(grid, grid)
+    disk = (xx**2 + yy**2 <= radius**2).astype(np.float64)
+    disk /= disk.sum()
+    g = _opencv_gaussian_kernel(size, alias)
+    kernel = scipy.ndimage.correlate(disk, np.outer(g, g), mode="mirror")
+    np.testing.assert_allclose(corruptions.defocus_kernel(radius, alias), kernel, atol=1e-7)
+    images = smooth_images(2, size=40)
+    expected = np.stack([np.clip(np.stack([scipy.ndimage.correlate(x[..., ch] / 255.0, kernel, mode="mirror")
+                                           for ch in range(3)], -1), 0, 1) for x in images])
+    np.testing.assert_allclose(ours("defocus_blur", (radius, alias), images), expected, atol=2e-6)
+
+
+@pytest.mark.parametrize("size,c", [(32, 0.95), (32, 0.85), (32, 0.65), (224, 0.6), (224, 0.25), (28, 0.75)])
+def test_pixelate_is_pils_box_resize(size, c):
+    images = smooth_images(3, size=size)
+    small = int(size * c)
+    expected = np.stack([np.asarray(Image.fromarray(x).resize((small, small), Image.BOX).resize((size, size), Image.BOX))
+                         for x in images]) / 255.0
+    got = ours("pixelate", c, images)
+    # PIL keeps each pass in 8 bits with fixed-point weights; the two agree to the level, except for
+    # values that fall within rounding of a half level.
+    assert np.abs(got - expected).max() <= 1 / 255 + 1e-6
+    assert np.mean(np.abs(got - expected) > 1e-6) < 0.01
+
+
+def test_pixelate_at_imagenet_severity_5_is_an_exact_4x_box():
+    images = smooth_images(2, size=224)
+    got = ours("pixelate", 0.25, images)
+    blocks = np.round(images.reshape(2, 56, 4, 56, 4, 3).mean((2, 4))) / 255.0
+    np.testing.assert_allclose(got, np.repeat(np.repeat(blocks, 4, 1), 4, 2), atol=1 / 255 + 1e-6)
+
+
+def _pil_jpeg(images, quality):
+    out = []
+    for x in images:
+        buffer = io.BytesIO()
+        Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x).save(buffer, "JPEG", quality=quality)
+        decoded = np.asarray(Image.open(buffer))
+        out.append(decoded[..., None] if x.shape[-1] == 1 else decoded)
+    return np.stack(out) / 255.0
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize("quality", [80, 65, 50, 40, 25, 7])
+def test_jpeg_matches_pils_encoder_and_decoder(quality, channels):
+    """Mean absolute difference at most 1/255. Ours uses an exact float DCT where libjpeg uses its
+    integer one, so a coefficient at a rounding tie can land on the other side: a few pixels differ
+    by more, the mean stays small."""
+    images = smooth_images(16, channels=channels)
+    difference = np.abs(ours("jpeg_compression", quality, images) - _pil_jpeg(images, quality))
+    assert difference.mean() <= 1 / 255, difference.mean() * 255
+
+
+def test_jpeg_quality_tables_are_libjpegs():
+    for quality in (7, 25, 50, 80, 95):
+        buffer = io.BytesIO()
+        Image.fromarray(smooth_images(1)[0]).save(buffer, "JPEG", quality=quality)
+        tables = Image.open(buffer).quantization
+        np.testing.assert_array_equal(corruptions.quantization_table(corruptions._LUMA_QUANT, quality).ravel(),
+                                      np.asarray(tables[0]))
+        np.testing.assert_array_equal(corruptions.quantization_table(corruptions._CHROMA_QUANT, quality).ravel(),
+                                      np.asarray(tables[1]))
+
+
+@pytest.mark.parametrize("c", [0.75, 0.15, 0.05])
+def test_contrast(c):
+    images = smooth_images(4)
+    x = images / 255.0
+    means = x.mean((1, 2), keepdims=True)
+    np.testing.assert_allclose(ours("contrast", c, images), np.clip((x - means) * c + means, 0, 1), atol=1e-6)
+
+
+def _hsv_reference(images, change):
+    x = images / 255.0
+    out = np.empty_like(x)
+    for index in np.ndindex(x.shape[:3]):
+        h, s, v = change(*colorsys.rgb_to_hsv(*x[index]))
+        out[index] = colorsys.hsv_to_rgb(h, s, v)
+    return out
+
+
+@pytest.mark.parametrize("c", [0.05, 0.3, 0.5])
+def test_brightness_adds_to_the_hsv_value(c):
+    images = smooth_images(2)
+    expected = _hsv_reference(images, lambda h, s, v: (h, s, min(max(v + c, 0.0), 1.0)))
+    np.testing.assert_allclose(ours("brightness", c, images), expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("c", [(0.3, 0), (1.5, 0), (2.5, 0.2), (20, 0.2)])
+def test_saturate_scales_the_hsv_saturation(c):
+    images = smooth_images(2)
+    expected = _hsv_reference(images, lambda h, s, v: (h, min(max(s * c[0] + c[1], 0.0), 1.0), v))
+    np.testing.assert_allclose(ours("saturate", c, images), expected, atol=2e-5)
+
+
+def test_colour_ops_on_grey_images_stay_grey():
+    grey = smooth_images(2, channels=1)
+    out = ours("brightness", 0.2, grey)
+    expected = np.clip(grey / 255.0 + 0.2, 0, 1)  # V of a grey pixel is its value; S = 0
+    np.testing.assert_allclose(out, expected, atol=2e-5)
+    assert ours("saturate", (2.5, 0.2), grey).shape == grey.shape
+
+
+# ---------------------------------------------------------------------------------------------
+# Random ops: statistics with stated tolerances; keys; jit(vmap) = per image.
+
+GREY = np.full((64, 64, 64, 3), 128, np.uint8)  # far from the clip bounds
+
+
+def test_gaussian_and_speckle_noise_statistics():
+    x = 128 / 255
+    residual = ours("gaussian_noise", 0.08, GREY) - x
+    assert abs(residual.mean()) < 1e-3 and abs(residual.std() - 0.08) < 1e-3
+    relative = (ours("speckle_noise", 0.2, GREY) - x) / x
+    assert abs(relative.mean()) < 2e-3 and abs(relative.std() - 0.2) < 2e-3
+
+
+def test_shot_noise_is_poisson():
+    c, x = 60, 128 / 255
+    counts = ours("shot_noise", c, GREY) * c
+    assert abs(counts.mean() - x * c) < 0.05 and abs(counts.var() / (x * c) - 1) < 0.02
+    assert np.allclose(counts, np.round(counts), atol=1e-4)  # whole counts
+
+
+def test_impulse_noise_replaces_a_fraction_c_half_salt_half_pepper():
+    out = ours("impulse_noise", 0.09, GREY)
+    salt, pepper = np.mean(out == 1.0), np.mean(out == 0.0)
+    assert abs(salt + pepper - 0.09) < 2e-3 and abs(salt - pepper) < 2e-3
+    assert np.all((out == 1.0) | (out == 0.0) | np.isclose(out, 128 / 255))
+
+
+@pytest.mark.parametrize("name", ["gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise"])
+def test_random_ops_depend_on_the_key_only(name):
+    image = jnp.asarray(smooth_images(1)[0] / 255.0, jnp.float32)
+    c = corruptions.PARAMS["cifar10"][name][2]
+    op = corruptions.OPS[name]
+    a, b = op(jax.random.key(1), image, c), op(jax.random.key(1), image, c)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, op(jax.random.key(2), image, c))
+    keys = jax.random.split(jax.random.key(3), 4)
+    images = jnp.stack([image] * 4)
+    batched = jax.jit(jax.vmap(lambda k, x: op(k, x, c)))(keys, images)
+    for i in range(4):
+        np.testing.assert_allclose(batched[i], op(keys[i], images[i], c), atol=1e-6)
+
+
+def test_to_uint8_rounds_down_as_the_released_sets_do():
+    image = jnp.full((32, 32, 3), 0.5)
+    out = corruptions.corrupt(jax.random.key(0), image, "contrast", 1, to_uint8=True)
+    assert float(out[0, 0, 0]) == pytest.approx(127 / 255, abs=1e-7)  # 127.5 -> 127
+
+
+# ---------------------------------------------------------------------------------------------
+# Names, severities, tables; test conditions and training.
+
+
+def test_tables_are_picked_by_image_size_and_can_be_overridden():
+    assert corruptions.table_for("auto", 32) == "cifar10" and corruptions.table_for("auto", 224) == "imagenet"
+    assert corruptions.table_for("imagenet", 32) == "imagenet"
+    assert corruptions.PARAMS["cifar10"]["gaussian_noise"][4] == 0.10  # CIFAR-10-C s5 is exactly sigma 0.1
+    assert set(corruptions.PARAMS["imagenet"]) == set(corruptions.CORRUPTIONS)
+
+
+def test_bad_names_and_severities_list_what_exists():
+    with pytest.raises(ValueError, match="expected one of .*jpeg_compression"):
+        corruptions.check("jpeg")
+    with pytest.raises(ValueError, match=r"severity 6, expected one of \(1, 2, 3, 4, 5\)"):
+        corruptions.check("contrast", 6)
+    with pytest.raises(ValueError, match="got 'jpeg_compression_6'.*'<corruption>_<1-5>'.*jpeg_compression"):
+        conditions.EvalCondition.parse("jpeg_compression_6")
+    with pytest.raises(ValueError, match="gaussian_blur"):
+        conditions.EvalCondition.parse("blur_3")
+
+
+def test_conditions_name_every_corruption_and_severity():
+    condition = conditions.EvalCondition.parse("jpeg_compression_3")
+    assert (condition.kind, condition.corruption, condition.severity) == ("corruption", "jpeg_compression", 3)
+    suite = conditions.expand(["clean", conditions.SUITE])
+    assert suite[0] == "clean" and len(suite) == 1 + 11 * 5 and "saturate_5" in suite
+
+
+def test_eval_perturbation_applies_the_corruption_as_uint8(synthetic_config):
+    config = synthetic_config()
+    config.evals = ("clean", "pixelate_5")
+    (_, pixelated) = config_lib.eval_perturbations(config)
+    images = smooth_images(2, size=28, channels=1)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(2))
+    out = np.asarray(pixelated.apply(keys, jnp.asarray(images / 255.0, jnp.float32), jnp.zeros((2, 4))))
+    small = int(28 * 0.65)
+    expected = np.stack([np.asarray(Image.fromarray(x[..., 0]).resize((small, small), Image.BOX).resize((28, 28), Image.BOX))
+                         for x in images])[..., None] / 255.0
+    assert np.abs(out - expected).max() <= 1 / 255 + 1e-6
+    np.testing.assert_allclose(np.round(out * 255), out * 255, atol=1e-4)  # stored as uint8
+
+
+def test_training_draws_a_corruption_and_severity_per_image(synthetic_config):
+    config = synthetic_config("mode=pivot,perturb=jpeg_compression,smoke")
+    config_lib.validate(config)
+    spec = config_lib.perturb_spec(config)
+    assert spec.kinds == ("jpeg_compression",)
+    images = jnp.asarray(smooth_images(spec.k, size=28, channels=1) / 255.0, jnp.float32)
+    out = perturb.perturb_batch(jax.random.key(0), images, jnp.zeros((spec.k, 4)), spec)
+    # Each row is the image at one of the five qualities (on the device, the same op as evaluation).
+    candidates = [np.asarray(jax.vmap(lambda x, q=q: corruptions.jpeg_compression(None, x, q))(images))
+                  for q in corruptions.PARAMS["cifar10"]["jpeg_compression"]]
+    chosen = [next(i for i, c in enumerate(candidates) if np.allclose(out[row], c[row], atol=1e-6))
+              for row in range(spec.k)]
+    assert len(set(chosen)) >= 3  # severities vary across the rows
+    mixture = config_lib.perturb_spec(synthetic_config("mode=pivot,perturb=corruptions,smoke"))
+    assert mixture.kinds == ("corruptions",)
+
+
+def test_results_hold_the_suite_mean_and_a_table_per_corruption_and_severity(tmp_path):
+    import json
+
+    from pivot_jax import results
+
+    accuracy = {"clean": 0.9, **{name: 0.5 + 0.01 * i for i, name in enumerate(conditions.suite_names())}}
+    results.write_results(tmp_path, 10, accuracy, 100, "default box")
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["corruptions_mean"] == pytest.approx(np.mean([0.5 + 0.01 * i for i in range(55)]))
+    text = (tmp_path / "results.md").read_text()
+    assert "| jpeg_compression | 85.00 | 86.00 | 87.00 | 88.00 | 89.00 | 87.00 |" in text
+    del accuracy["saturate_5"]  # an incomplete suite has no mean
+    results.write_results(tmp_path, 11, accuracy, 100, "default box")
+    assert "corruptions_mean" not in json.loads((tmp_path / "results.json").read_text())
