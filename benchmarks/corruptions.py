@@ -1,6 +1,6 @@
 """The common-corruption suite on the device against a reference pipeline on the host.
 
-    python benchmarks/corruptions.py [--images N] [--cifar-folder DIR] [--json FILE]
+    python benchmarks/corruptions.py [--images N] [--cifar-folder DIR] [--json FILE] [--workdir RUN]
 
 Both produce every corruption at every severity (11 x 5) for N 32x32 RGB images (default: the 10,000
 of the CIFAR-10 test split when --cifar-folder is given, else random smooth images), stored as uint8.
@@ -9,6 +9,9 @@ process, the published formulas (Pillow for pixelate and JPEG, SciPy's filters f
 Matplotlib's vectorised HSV conversion). The device side is `pivot_jax.corruptions` under
 jit(vmap) over batches of 1,000, compiled before timing. Each side is timed once over the whole suite
 (the reference is too slow to repeat), after a warm-up on one batch.
+
+With --workdir (a trained run on the same images), it also compares the run's accuracy on the images
+JPEG-compressed by Pillow and by `corruptions.jpeg_compression`, at each severity's quality.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--images", type=int, default=10_000)
 parser.add_argument("--cifar-folder", default=None)
 parser.add_argument("--json", default=None)
+parser.add_argument("--workdir", default=None, help="a trained run, for the JPEG accuracy comparison")
 args = parser.parse_args()
 
 from pivot_jax import runtime  # noqa: E402
@@ -134,6 +138,28 @@ result = {
     "device_images_per_s": count * conditions / device_seconds, "host_images_per_s": count * conditions / host_seconds,
     "devices": jax.device_count(), "platform": jax.default_backend(),
 }
+if args.workdir:
+    from pivot_jax import export, workdirs
+
+    config = workdirs.saved_config(args.workdir)
+    serve, _ = export.serving_function(config, args.workdir)
+    logits = jax.jit(lambda x: serve(x)["logits"])
+    labels_of = {name: i for i, name in enumerate(workdirs.saved_class_names(args.workdir))}
+    files = sorted(pathlib.Path(args.cifar_folder, "test").glob("*/*"))[:count]
+    labels = np.asarray([labels_of[f.parent.name] for f in files])
+
+    def accuracy(batch_images):
+        predicted = np.concatenate([np.argmax(np.asarray(logits(batch_images[s : s + 500])), -1)
+                                    for s in range(0, len(batch_images), 500)])
+        return float(np.mean(predicted == labels))
+
+    result["jpeg_accuracy"] = {}
+    for quality in PARAMS["jpeg_compression"]:
+        pil = np.stack([reference("jpeg_compression", quality, image, None) for image in images])
+        device = np.asarray(jax.jit(jax.vmap(lambda x: corruptions.jpeg_compression(None, x, quality)))(
+            jnp.asarray(images / 255.0, jnp.float32)) * 255).round().astype(np.uint8)
+        result["jpeg_accuracy"][quality] = {"pillow": accuracy(pil), "device": accuracy(device),
+                                            "mean_abs_difference_levels": float(np.abs(pil.astype(int) - device).mean())}
 print(json.dumps(result, indent=1))
 if args.json:
     pathlib.Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -180,6 +180,21 @@ def test_shot_noise_is_poisson():
     assert np.allclose(counts, np.round(counts), atol=1e-4)  # whole counts
 
 
+@pytest.mark.parametrize("c,level", [(60, 128), (3, 40), (500, 250), (50, 0)])
+def test_shot_noise_counts_follow_the_poisson_distribution(c, level):
+    import scipy.stats
+
+    image = np.full((1, 128, 128, 3), level, np.uint8)
+    counts = np.round(ours("shot_noise", c, image) * c).astype(int).ravel()
+    counts = counts[counts < c]  # below the clip at 1.0
+    lam = level / 255 * c
+    values, observed = np.unique(counts, return_counts=True)
+    expected = scipy.stats.poisson.pmf(values, lam) * counts.size / scipy.stats.poisson.cdf(c - 1, lam)
+    frequent = expected > 50  # chi-square over the well-populated values
+    chi2 = np.sum((observed[frequent] - expected[frequent]) ** 2 / expected[frequent])
+    assert chi2 < scipy.stats.chi2.ppf(0.999, max(1, frequent.sum() - 1)), (chi2, frequent.sum())
+
+
 def test_impulse_noise_replaces_a_fraction_c_half_salt_half_pepper():
     out = ours("impulse_noise", 0.09, GREY)
     salt, pepper = np.mean(out == 1.0), np.mean(out == 0.0)
