@@ -85,6 +85,22 @@ def test_cifar10_jpeg_folder_smoke(cifar_folder, config_path, tmp_path):
     # CIFAR-10's well-known channel means (0.491, 0.482, 0.447); this JPEG copy is within 0.01.
     np.testing.assert_allclose(mean.mean((0, 1)), [0.491, 0.482, 0.447], atol=0.01)
 
+    # predict on a few of the test JPEGs gives the classes the model gives them, by their folder names.
+    from pivot_jax import models, predict
+
+    files = sorted(pathlib.Path(cifar_folder, "test").glob("*/*.jpg"))[::1000][:8]
+    images = np.stack([predict.prepare_image(str(f), config.data).pixels for f in files])
+    probabilities, step = predict.predict_probabilities(config, str(tmp_path), images)
+    model = models.get_model(config.model.name, num_classes=10)
+    logits = model.apply({"params": state["params"], "batch_stats": state["batch_stats"]},
+                         images.astype(np.float32) / 255.0 - mean, train=False)
+    assert step == 4
+    np.testing.assert_array_equal(np.argmax(probabilities, -1), np.argmax(np.asarray(logits), -1))
+    names = predict.class_names(str(tmp_path), 10)
+    assert names == tuple(sorted(p.name for p in pathlib.Path(cifar_folder, "train").iterdir()))
+    assert [r[0]["class"] for r in predict.rankings(probabilities, names, 1)] == [
+        names[i] for i in np.argmax(np.asarray(logits), -1)]
+
 
 def _resume_args(workdir, mnist_data_dir):
     return [f"--config={CONFIGS / 'mnist.py'}:mode=pivot,perturb=noise,smoke", f"--workdir={workdir}",
