@@ -28,28 +28,29 @@ from pivot_jax.data import augment
 CONDITIONS = ("clean", "noise_0.15", "lr4_nearest", "lr4_bicubic")
 
 
-def perturbed_test_images(config, workdir, condition: str) -> tuple[np.ndarray, np.ndarray]:
-    """The test split under `condition`, as uint8, with its labels (evaluation's keys and boxes)."""
+def test_split(config, workdir) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The test split as evaluation prepares it: uint8 images, boxes and labels."""
     split = data.open_split(config.data, config.data.test_split, use_box_file=True,
                             class_names=workdirs.saved_class_names(workdir))
     count = split.num_examples if not config.data.test_examples else min(config.data.test_examples, split.num_examples)
     prepare = augment.EvalTransform(config.data)
     examples = [prepare.map(split.source[i]) for i in range(count)]
-    images = np.stack([e["image"] for e in examples])
-    boxes = np.stack([e["box"] for e in examples]).astype(np.float32)
-    labels = np.asarray([e["label"] for e in examples])
+    return (np.stack([e["image"] for e in examples]), np.stack([e["box"] for e in examples]).astype(np.float32),
+            np.asarray([e["label"] for e in examples]))
+
+
+def perturbed(images: np.ndarray, boxes: np.ndarray, condition: str) -> np.ndarray:
+    """`images` under `condition` with evaluation's keys and boxes, rounded to uint8."""
     perturbation = perturb.EvalPerturbation.parse(condition)
-    base_key = jax.random.key(evaluate.EVAL_SEED)
 
     @jax.jit
     def apply(batch, batch_boxes, indices):
-        keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(indices)
-        out = perturbation.apply(keys, batch.astype(jnp.float32) / 255.0, batch_boxes)
+        out = perturbation.apply(evaluate.example_keys(indices), batch.astype(jnp.float32) / 255.0, batch_boxes)
         return jnp.round(jnp.clip(out, 0.0, 1.0) * 255.0).astype(jnp.uint8)
 
-    out = [np.asarray(apply(images[s : s + 1000], boxes[s : s + 1000], np.arange(s, min(s + 1000, count))))
-           for s in range(0, count, 1000)]
-    return np.concatenate(out), labels
+    count = len(images)
+    return np.concatenate([np.asarray(apply(images[s : s + 1000], boxes[s : s + 1000], np.arange(s, min(s + 1000, count))))
+                           for s in range(0, count, 1000)])
 
 
 class TFLiteModel:
@@ -96,9 +97,10 @@ def main(argv):
     models = {name: TFLiteModel(out / export.FILES[name]) for name in ("float32", "int8")}
     result = {"workdir": args.workdir, "step": step, "model": manifest["model"], "data": manifest["data"],
               "accuracy": {}, "bytes": {name: manifest["files"][name]["bytes"] for name in export.FILES}}
+    clean, boxes, labels = test_split(config, args.workdir)  # read once, perturbed per condition
+    result["num_examples"] = int(len(labels))
     for condition in args.conditions:
-        images, labels = perturbed_test_images(config, args.workdir, condition)
-        result["num_examples"] = int(len(labels))
+        images = perturbed(clean, boxes, condition)
         result["accuracy"][condition] = {"jax": accuracy_jax(serve, images, labels),
                                          **{name: accuracy_tflite(m, images, labels) for name, m in models.items()}}
         print(condition, result["accuracy"][condition], flush=True)

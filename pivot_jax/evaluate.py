@@ -24,6 +24,11 @@ from pivot_jax.errors import CheckpointError, UserError
 EVAL_SEED = 2018  # fixed: two evaluations of one model give the same numbers
 
 
+def example_keys(indices: jax.Array) -> jax.Array:
+    """One key per test example, from its index: its test-time noise is the same in any batch."""
+    return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(EVAL_SEED), i))(indices)
+
+
 class Evaluator:
     """Accuracy of a model under every evaluation in `config.evals`."""
 
@@ -32,7 +37,6 @@ class Evaluator:
         self.config, self.split, self.mesh = config, split, mesh
         self.perturbations = config_lib.eval_perturbations(config, sweeps=sweeps)
         self.names = [p.name for p in self.perturbations]
-        base_key = jax.random.key(EVAL_SEED)
 
         def correct_counts(model_state, batch):
             with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # see train_step: per-shard layers
@@ -40,7 +44,7 @@ class Evaluator:
 
         def _correct_counts(model_state, batch):
             images = batch["image"].astype(jnp.float32) / 255.0
-            keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(batch["index"])
+            keys = example_keys(batch["index"])
             variables = {"params": model_state["params"], "batch_stats": model_state["batch_stats"]}
             counts = []
             for perturbation in self.perturbations:

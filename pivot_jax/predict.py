@@ -96,11 +96,10 @@ def predict_probabilities(config: ml_collections.ConfigDict, workdir: str, image
     model, model_state, step = evaluate.restore_model(config, workdir, step)
     perturbation = perturb.EvalPerturbation.parse(condition)
     box = jnp.asarray(perturb.centered_box(config.data.default_box_fraction), jnp.float32)
-    base_key = jax.random.key(evaluate.EVAL_SEED)
 
     @jax.jit
     def probabilities(model_state, batch, indices):
-        keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(indices)
+        keys = evaluate.example_keys(indices)
         boxes = jnp.broadcast_to(box, (batch.shape[0], 4))
         inputs = perturbation.apply(keys, batch.astype(jnp.float32) / 255.0, boxes) - model_state["input_mean"]
         variables = {"params": model_state["params"], "batch_stats": model_state["batch_stats"]}
