@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 
 import numpy as np
 import pytest
@@ -26,6 +27,25 @@ CIFAR_ARCHIVE = "cifar10/cifar10-jpeg-q75-YoongiKim.tar.gz"
 
 
 SYNTHETIC_CLASSES = 4
+_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+
+
+def pytest_configure(config):
+    """One persistent compilation cache for the whole session: the xdist workers and every training
+    process the tests start inherit it, so a program compiled once (the smoke train step, its
+    evaluation) is loaded by the other tests instead of compiled again. A cache the user set is kept."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or os.environ.get(_CACHE_ENV):
+        return
+    config._pivot_jax_cache = tempfile.mkdtemp(prefix="pivot_jax_test_xla_cache_")
+    os.environ[_CACHE_ENV] = config._pivot_jax_cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+
+
+def pytest_unconfigure(config):
+    cache = getattr(config, "_pivot_jax_cache", None)
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def _require(path: pathlib.Path) -> None:

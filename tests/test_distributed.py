@@ -101,41 +101,49 @@ class Launched:
         return "".join(self.lines)
 
 
-@pytest.mark.parametrize("target,port", [("every process", 12394), ("process 1 only", 12395)])
-def test_sigterm_stops_every_process_at_one_step_and_the_run_resumes(mnist_data_dir, tmp_path, target, port):
+def test_sigterm_stops_every_process_at_one_step_and_the_run_resumes(mnist_data_dir, tmp_path):
     """Preemption of a 2-process run: JAX's preemption sync manager tells both processes, they save
-    the same step and exit cleanly (also when only one of them got the signal), and the rerun resumes."""
-    command = ["bash", str(LAUNCH / "local" / "run.sh"), "--processes", "2", "--devices", "1", "--port", str(port),
+    the same step and exit cleanly, and the rerun resumes. Three preemptions of one run: of process 1
+    only, then of every process before the rerun's first step, then of every process mid-training."""
+    command = ["bash", str(LAUNCH / "local" / "run.sh"), "--processes", "2", "--devices", "1", "--port", "12394",
                "--", sys.executable, "-m", "pivot_jax.train", *smoke_args(tmp_path, mnist_data_dir),
                "--config.num_train_steps=3000", "--config.checkpoint_every_steps=10000",
                "--config.eval_every_steps=10000", "--config.log_every_steps=10000", "--distributed_timeout=120"]
+
+    def stopped_step(run):
+        output = run.finish()
+        assert run.process.returncode == 0, output[-4000:]
+        stops = {line[:3]: line.split("Stopped at step ")[1].split()[0] for line in output.splitlines()
+                 if "Stopped at step" in line}
+        assert set(stops) == {"[0]", "[1]"} and len(set(stops.values())) == 1, output[-4000:]
+        step = int(stops["[0]"])
+        assert f"Stopped at step {step} for preemption" in output
+        assert 0 < step < 3000 and checkpoint.manager(tmp_path, read_only=True).latest_step() == step, output[-4000:]
+        return step
+
+    # 1. SIGTERM to process 1 only, a few steps into training: process 0 stops at the same step.
     run = Launched(command)
     run.wait_for("[0] Training ", "[1] Training ")  # both processes are in the training loop
     time.sleep(3)
-    if target == "every process":
-        run.process.send_signal(signal.SIGTERM)  # run.sh passes it on to both processes
-    else:
-        found = subprocess.run(["pgrep", "-f", f"workdir={tmp_path} .*--process_id=1"], capture_output=True, text=True)
-        (pid,) = found.stdout.split()
-        os.kill(int(pid), signal.SIGTERM)
-    output = run.finish()
-    assert run.process.returncode == 0, output[-4000:]
-    stops = {line[:3]: line.split("Stopped at step ")[1].split()[0] for line in output.splitlines()
-             if "Stopped at step" in line}
-    assert set(stops) == {"[0]", "[1]"} and len(set(stops.values())) == 1, output[-4000:]
-    stopped = int(stops["[0]"])
-    assert 0 < stopped < 3000 and checkpoint.manager(tmp_path, read_only=True).latest_step() == stopped
+    found = subprocess.run(["pgrep", "-f", f"workdir={tmp_path} .*--process_id=1"], capture_output=True, text=True)
+    (pid,) = found.stdout.split()
+    os.kill(int(pid), signal.SIGTERM)
+    stopped = stopped_step(run)
 
-    # The same command resumes from there, and is preempted again at once: before its first step, when
-    # JAX's sync manager has not seen a step yet (it then stops after the first step of the rerun).
+    # 2. The same command resumes from there, and every process is preempted at once: before its first
+    # step, when JAX's sync manager has not seen a step yet (it then stops after the rerun's first step).
     rerun = Launched(command)
     rerun.wait_for(f"[0] Resumed from step {stopped}", "[0] Training ", "[1] Training ")
-    rerun.process.send_signal(signal.SIGTERM)
-    output = rerun.finish()
-    assert rerun.process.returncode == 0, output[-4000:]
-    again = checkpoint.manager(tmp_path, read_only=True).latest_step()
-    assert stopped < again <= stopped + 3, output[-4000:]  # within the rerun's first steps
-    assert f"Stopped at step {again} for preemption" in output
+    rerun.process.send_signal(signal.SIGTERM)  # run.sh passes it on to both processes
+    again = stopped_step(rerun)
+    assert stopped < again <= stopped + 3  # within the rerun's first steps
+
+    # 3. Resumed again, every process preempted a few steps into training.
+    third = Launched(command)
+    third.wait_for(f"[0] Resumed from step {again}", "[0] Training ", "[1] Training ")
+    time.sleep(3)
+    third.process.send_signal(signal.SIGTERM)
+    assert stopped_step(third) > again
 
 
 def test_missing_coordinator_ends_with_a_clear_error(mnist_data_dir, tmp_path):

@@ -12,23 +12,40 @@ import pytest
 
 from conftest import CONFIGS, REPO, run_train
 from pivot_jax import checkpoint, config_lib, data, evaluate, models, report
+from test_train import logged_scalars, saved_params
 
+ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
 
 @pytest.fixture(scope="module")
 def trained_on_eight(mnist_data_dir, tmp_path_factory):
-    """A smoke run trained on 8 fake devices, and its evaluation in that 8-device setting."""
-    workdir = tmp_path_factory.mktemp("eight")
-    args = [f"--config={CONFIGS / 'mnist.py'}:mode=pivot,perturb=noise,smoke", f"--workdir={workdir}",
+    """A smoke run trained on 8 fake devices, and its evaluation in that 8-device setting; and the same
+    run on one device. Returns (workdir, results.json of the 8-device run, workdir of the 1-device run)."""
+    workdir, on_one = tmp_path_factory.mktemp("eight"), tmp_path_factory.mktemp("one")
+    args = [f"--config={CONFIGS / 'mnist.py'}:mode=pivot,perturb=noise,smoke", "--config.log_every_steps=1",
             f"--config.data.data_dir={mnist_data_dir}"]
-    result = run_train(args, EIGHT_DEVICES, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    for devices, env, run_dir in ((8, EIGHT_DEVICES, workdir), (1, ONE_DEVICE, on_one)):
+        result = run_train([*args, f"--workdir={run_dir}"], env, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"on {devices} devices" in result.stderr
     env = {**os.environ, **EIGHT_DEVICES}
-    evaluated = subprocess.run([sys.executable, "-m", "pivot_jax.evaluate", *args], env=env, cwd=REPO,
+    evaluated = subprocess.run([sys.executable, "-m", "pivot_jax.evaluate", *args, f"--workdir={workdir}"], env=env, cwd=REPO,
                                capture_output=True, text=True, timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    return workdir, json.loads((workdir / "eval" / "results.json").read_text())
+    return workdir, json.loads((workdir / "eval" / "results.json").read_text()), on_one
+
+
+def test_eight_devices_train_like_one(trained_on_eight):
+    """Same global batch (and the same per-example noise) on 1 and on 8 fake devices: only the order of
+    float reductions differs."""
+    eight, _, one = trained_on_eight
+    losses = {name: logged_scalars(path, "train/loss") for name, path in (("one", one), ("eight", eight))}
+    assert sorted(losses["one"]) == list(range(1, 13))
+    np.testing.assert_allclose([losses["eight"][s] for s in range(1, 13)], [losses["one"][s] for s in range(1, 13)],
+                               rtol=2e-4)
+    (_, on_one), (_, on_eight) = saved_params(one), saved_params(eight)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4, rtol=2e-3), on_one, on_eight)
 
 
 def smoke_config(mnist_config):
@@ -36,7 +53,7 @@ def smoke_config(mnist_config):
 
 
 def test_checkpoint_from_eight_devices_evaluates_the_same_on_one(trained_on_eight, mnist_config):
-    workdir, on_eight = trained_on_eight
+    workdir, on_eight, _ = trained_on_eight
     assert jax.device_count() == 1
     on_one = evaluate.evaluate_checkpoint(smoke_config(mnist_config), str(workdir))
     assert on_one["step"] == on_eight["step"] == 12
@@ -48,7 +65,7 @@ def test_checkpoint_from_eight_devices_evaluates_the_same_on_one(trained_on_eigh
 
 
 def test_whole_split_is_evaluated_when_the_batch_does_not_divide_it(trained_on_eight, mnist_config):
-    workdir, _ = trained_on_eight
+    workdir, _, _ = trained_on_eight
     config = smoke_config(mnist_config)
     config.data.test_examples = 0  # the whole test split: 10,000 examples
     config.data.eval_batch_size = 768  # 13 batches, the last one padded
@@ -60,7 +77,7 @@ def test_whole_split_is_evaluated_when_the_batch_does_not_divide_it(trained_on_e
 
 
 def test_accuracy_equals_a_direct_computation(trained_on_eight, mnist_config):
-    workdir, _ = trained_on_eight
+    workdir, _, _ = trained_on_eight
     config = smoke_config(mnist_config)
     config.data.test_examples = 300
     config.data.eval_batch_size = 128
@@ -82,7 +99,7 @@ def test_accuracy_equals_a_direct_computation(trained_on_eight, mnist_config):
 
 
 def test_evaluation_errors(trained_on_eight, mnist_config, tmp_path):
-    workdir, _ = trained_on_eight
+    workdir, _, _ = trained_on_eight
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in"):
         evaluate.evaluate_checkpoint(smoke_config(mnist_config), str(tmp_path))
     with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint at step 7 .* it has \[6, 12\]"):
@@ -98,7 +115,7 @@ def test_evaluation_errors(trained_on_eight, mnist_config, tmp_path):
 
 
 def test_earlier_step_goes_to_its_own_folder(trained_on_eight, mnist_config):
-    workdir, _ = trained_on_eight
+    workdir, _, _ = trained_on_eight
     config = smoke_config(mnist_config)
     config.evals, config.sweep_evals = ("clean",), ()
     result = evaluate.evaluate_checkpoint(config, str(workdir), step=6)

@@ -30,12 +30,30 @@ def short_run(config, steps=12):
     return config
 
 
-@pytest.fixture
-def trained(synthetic_config, tmp_path):
-    """A finished 12-step run, with checkpoints at steps 6 and 12."""
-    workdir = tmp_path / "run"
-    train.train_and_evaluate(short_run(synthetic_config()), str(workdir))
+def synthetic_smoke(folder):
+    """`configs/mnist.py:smoke` on the synthetic folder, for module fixtures (`synthetic_config` is per test)."""
+    from pivot_jax import config_lib
+
+    def make():
+        config = config_lib.load_config(f"{CONFIGS / 'mnist.py'}:smoke")
+        config.data.name, config.data.folder, config.data.num_classes = "folder", folder, 4
+        return config
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def trained_once(synthetic_folder, tmp_path_factory):
+    """A finished 12-step run, with checkpoints at steps 6 and 12 (tests damage copies of it)."""
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    train.train_and_evaluate(short_run(synthetic_smoke(synthetic_folder)()), str(workdir))
     return workdir
+
+
+@pytest.fixture
+def trained(trained_once, tmp_path):
+    """This test's own copy of the finished 12-step run."""
+    return pathlib.Path(shutil.copytree(trained_once, tmp_path / "run"))
 
 
 def params_at(workdir, step):
@@ -63,24 +81,23 @@ def constant_lr(make_config, steps):
 @pytest.fixture(scope="module")
 def uninterrupted_18(synthetic_folder, tmp_path_factory):
     """The parameters after 18 steps of a run that was never interrupted."""
-    from pivot_jax import config_lib
-
-    def make():
-        config = config_lib.load_config(f"{CONFIGS / 'mnist.py'}:smoke")
-        config.data.name, config.data.folder, config.data.num_classes = "folder", synthetic_folder, 4
-        return config
-
     whole = tmp_path_factory.mktemp("whole")
-    train.train_and_evaluate(constant_lr(make, 18), str(whole))
+    train.train_and_evaluate(constant_lr(synthetic_smoke(synthetic_folder), 18), str(whole))
     return params_at(whole, 18)
 
 
-@pytest.mark.parametrize("damage", ["flipped bytes", "truncated file", "emptied step", "deleted iterator"])
-def test_a_damaged_checkpoint_falls_back_to_the_previous_one(synthetic_config, uninterrupted_18, tmp_path, damage):
-    constant = lambda steps: constant_lr(synthetic_config, steps)
+@pytest.fixture(scope="module")
+def constant_12(synthetic_folder, tmp_path_factory):
+    """The same run stopped after 12 steps (checkpoints at 6 and 12); tests damage copies of it."""
+    workdir = tmp_path_factory.mktemp("constant_12") / "run"
+    train.train_and_evaluate(constant_lr(synthetic_smoke(synthetic_folder), 12), str(workdir))
+    return workdir
 
-    workdir = tmp_path / "run"
-    train.train_and_evaluate(constant(12), str(workdir))  # checkpoints at 6 and 12
+
+@pytest.mark.parametrize("damage", ["flipped bytes", "truncated file", "emptied step", "deleted iterator"])
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(synthetic_config, uninterrupted_18, constant_12,
+                                                            tmp_path, damage):
+    workdir = pathlib.Path(shutil.copytree(constant_12, tmp_path / "run"))  # checkpoints at 6 and 12
     step_dir = workdir / "checkpoints" / "12"
     if damage == "flipped bytes":
         target = largest_array_file(step_dir)
@@ -103,7 +120,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(synthetic_config, u
     assert result["step"] == 6
 
     # Training resumes from step 6 and ends where an uninterrupted run ends; the damaged step is kept.
-    resumed = constant(18)
+    resumed = constant_lr(synthetic_config, 18)
     resumed.allow_config_change = True  # num_train_steps 12 -> 18
     train.train_and_evaluate(resumed, str(workdir))
     assert (workdir / "damaged_checkpoints" / "12").is_dir()

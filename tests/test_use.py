@@ -1,5 +1,5 @@
 """A trained run: its accuracy, evaluation from its workdir alone, classifying image files, and the
-export for edge devices. All use one 400-step MNIST run (`mnist_trained_run`)."""
+export for edge devices. All use one 300-step MNIST run (`mnist_trained_run`)."""
 
 import json
 import os
@@ -17,16 +17,19 @@ from pivot_jax import checkpoint, config_lib, data, evaluate, export, models, pr
 from pivot_jax.errors import CheckpointError, ConfigError, DataError
 
 
+TRAINED_STEPS = 300
+
+
 @pytest.fixture(scope="module")
 def mnist_trained_run(mnist_data_dir, tmp_path_factory):
-    """400 steps of the paper's MNIST pivot setting, with its schedule shape: a model that has learned,
+    """300 steps of the paper's MNIST pivot setting, with its schedule shape: a model that has learned,
     for the tests that need one (accuracy, predict, export, evaluate from the workdir). Evaluated on
     1,000 test images. Returns (workdir, config, RunResult)."""
     from pivot_jax import train
 
     config = config_lib.load_config(f"{CONFIGS / 'mnist.py'}:mode=pivot,perturb=noise")
     config.data.data_dir, config.data.download = mnist_data_dir, False
-    config.num_train_steps = config.eval_every_steps = config.checkpoint_every_steps = 400
+    config.num_train_steps = config.eval_every_steps = config.checkpoint_every_steps = TRAINED_STEPS
     config.data.test_examples = 1000
     config.sweep_evals = ("noise_0.1", "lr2_nearest")
     workdir = tmp_path_factory.mktemp("mnist_trained")
@@ -56,9 +59,9 @@ def test_images(mnist_trained_run):
 
 @pytest.mark.slow
 def test_short_pivot_run_is_accurate_and_robust(mnist_trained_run):
-    """400 steps of the paper's MNIST pivot setting, with its schedule shape (conftest)."""
+    """300 steps of the paper's MNIST pivot setting, with its schedule shape (conftest)."""
     _, _, result = mnist_trained_run
-    assert result.finished and result.step == 400
+    assert result.finished and result.step == TRAINED_STEPS
     assert result.accuracy["clean"] >= 0.97, result.accuracy
     assert result.accuracy["noise_0.15"] >= 0.90, result.accuracy
 
@@ -69,7 +72,7 @@ def test_evaluate_from_the_workdir_alone_reproduces_the_config(mnist_trained_run
     from_workdir = run_module("evaluate", f"--workdir={workdir}")
     assert from_workdir.returncode == 0, from_workdir.stderr[-3000:]
     saved = json.loads(open(os.path.join(workdir, "eval", "results.json")).read())
-    assert saved["step"] == with_config["step"] == 400
+    assert saved["step"] == with_config["step"] == TRAINED_STEPS
     assert saved["accuracy"] == pytest.approx(with_config["accuracy"], abs=1e-9)
     assert set(saved["accuracy"]) == set(config.evals) | {"noise_0.1", "lr2_nearest"}
     # Overrides still apply to the saved config.
@@ -105,7 +108,7 @@ def test_predict_gives_the_classes_evaluation_gives(mnist_trained_run, test_imag
                         str(tmp_path / "digit_*.png"), str(tmp_path / "big_rgb.png"))
     assert result.returncode == 0, result.stderr[-3000:]
     output = json.loads(result.stdout)
-    assert output["step"] == 400 and output["perturbation"] == "clean"
+    assert output["step"] == TRAINED_STEPS and output["perturbation"] == "clean"
     predictions = output["predictions"]
     assert [p["file"] for p in predictions[:6]] == [str(p) for p in paths]
     assert [p["top"][0]["label"] for p in predictions[:6]] == expected.tolist()
@@ -123,7 +126,7 @@ def test_predict_applies_the_named_perturbation(mnist_trained_run, test_images):
     workdir, config, _ = mnist_trained_run
     images, _ = test_images
     probabilities, step = predict.predict_probabilities(config, workdir, images[:70], "lr4_nearest")
-    assert step == 400 and probabilities.shape == (70, 10)  # two batches, the second padded
+    assert step == TRAINED_STEPS and probabilities.shape == (70, 10)  # two batches, the second padded
     low_resolution = np.repeat(np.repeat(images[:70, ::4, ::4], 4, 1), 4, 2)
     expected = direct_logits(workdir, config, low_resolution)
     np.testing.assert_allclose(probabilities, np.asarray(jax.nn.softmax(expected)), atol=2e-5)
@@ -191,7 +194,7 @@ def test_export_matches_the_jax_model(mnist_trained_run, exported, test_images):
     out, manifest = exported
     images, labels = test_images
     expected = direct_logits(workdir, config, images)
-    assert manifest["step"] == 400 and manifest["classes"] == [str(i) for i in range(10)]
+    assert manifest["step"] == TRAINED_STEPS and manifest["classes"] == [str(i) for i in range(10)]
     assert manifest["input"]["shape"] == ["batch", 28, 28, 1] and manifest["input"]["dtype"] == "uint8"
     assert json.loads((out / "export.json").read_text()) == manifest
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
