@@ -3,7 +3,9 @@
 Lowers and compiles the train step for the configured global batch on the devices present (or on N
 fake CPU devices) without reading data or running a step, and prints the per-device memory from
 XLA's `memory_analysis` and the FLOPs of one step, so that a batch size can be checked before a pod
-is booked.
+is booked. It says whether that peak fits the HBM of a TPU v4 or v5e chip (one JAX device each).
+Compiled for fake CPU devices, the figures are XLA:CPU's buffer assignment for the same sharded
+program: a TPU compile fuses and lays out differently, so treat a margin under ~20% as not fitting.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+
+# HBM per chip, in GiB (Google Cloud TPU documentation, "TPU v4" and "TPU v5e" system architecture).
+HBM_GIB = {"TPU v4": 32, "TPU v5e": 16}
 
 
 def compile_report(config) -> dict:
@@ -48,6 +54,7 @@ def compile_report(config) -> dict:
         "conv": models.resolve_conv(config.model.conv),
         "flops_per_step": train_step.flops_per_step(config, mesh),
         "bytes_per_device": per_device,
+        "fits_hbm": {chip: per_device["peak_estimate"] <= gib * 2**30 for chip, gib in HBM_GIB.items()},
     }
 
 
@@ -66,7 +73,10 @@ def main(argv):
                                    + f" --xla_force_host_platform_device_count={flags.FLAGS.devices}")
     runtime.configure_cpu_defaults()
     try:
-        report = compile_report(runtime.config_from_flags())
+        config = runtime.config_from_flags()
+        if flags.FLAGS.devices:
+            config.model.conv = "xla"  # the fake devices stand in for accelerators, which run XLA's
+        report = compile_report(config)
     except errors.UserError as error:
         sys.exit(f"error: {error}")
     memory = report["bytes_per_device"]
@@ -77,6 +87,8 @@ def main(argv):
           f"(aliased with donated inputs {_gib(memory['aliased'])}), temporaries {_gib(memory['temporaries'])}, "
           f"code {_gib(memory['generated_code'])}; peak estimate {_gib(memory['peak_estimate'])}")
     print(f"FLOPs per step: {report['flops_per_step'] / 1e12:.3f} TFLOP; convolutions: {report['conv']}")
+    print("fits one chip's HBM: " + "; ".join(
+        f"{chip} ({HBM_GIB[chip]} GiB): {'yes' if fits else 'NO'}" for chip, fits in report["fits_hbm"].items()))
     print(json.dumps(report))
 
 

@@ -23,13 +23,14 @@ AUGMENTS = ("none", "cifar", "imagenet")
 # Noise far beyond the pixel range turns every image into clipped noise: a typo, not an experiment.
 MAX_SIGMA = 2.0
 MEANS = ("none", "pixel", "channel")
+# The global batch of `pod`: 128 images per device on 32 devices (a v5e-32), 256 on a v4-32's 16 chips.
+POD_BATCH = 4096
 # Fields that do not change the experiment: a resumed run may change these (a field listed here
 # covers its sub-fields).
 FIELDS_A_RESUME_MAY_CHANGE = (
     "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
     "allow_config_change", "evals", "sweep_evals", "data.data_dir", "data.manual_dir", "data.folder",
-    "data.num_threads", "data.prefetch", "data.download", "data.eval_batch_size", "data.box_file",
-    "data.test_examples", "profile_steps", "model.conv",
+    "data.num_threads", "data.prefetch", "data.download", "data.eval_batch_size", "data.test_examples", "profile_steps", "model.conv",
 )
 
 # Fields added after runs were already saved, with the value that gives those runs' behaviour: a
@@ -37,19 +38,27 @@ FIELDS_A_RESUME_MAY_CHANGE = (
 FIELDS_ADDED_LATER = {"optim.warmup_steps": 0, "perturb.corruption_table": "auto"}
 
 
-def parse_arg(arg: str | None, default_perturb: str = "noise") -> dict[str, str | bool]:
-    """`"mode=pivot,perturb=noise,smoke"` -> {"mode": "pivot", "perturb": "noise", "smoke": True}."""
-    parsed: dict[str, str | bool] = {"mode": "pivot", "perturb": default_perturb, "smoke": False}
+def parse_arg(arg: str | None, default_perturb: str = "noise") -> dict[str, str | bool | int]:
+    """`"mode=pivot,perturb=noise,smoke"` -> {"mode": "pivot", "perturb": "noise", "smoke": True, "pod": 0}.
+
+    `pod` (or `pod=<global batch>`) asks for the pod-scale setting of the configs that have one; its
+    value is the global batch, 0 without it.
+    """
+    parsed: dict[str, str | bool | int] = {"mode": "pivot", "perturb": default_perturb, "smoke": False, "pod": 0}
     for item in filter(None, (arg or "").split(",")):
         key, sep, value = item.partition("=")
         if key == "smoke" and not sep:
             parsed["smoke"] = True
+        elif key == "pod":
+            if sep and not (value.isdigit() and int(value) > 0):
+                raise ConfigError(f"config argument pod: got {value!r}, expected a global batch size (an int > 0)")
+            parsed["pod"] = int(value) if sep else POD_BATCH
         elif key in ("mode", "perturb") and sep:
             parsed[key] = value
         else:
             raise ConfigError(
                 f"config argument: got {item!r}, expected mode=<{'|'.join(MODES)}>, "
-                f"perturb=<{'|'.join(PERTURBS)}> or smoke"
+                f"perturb=<{'|'.join(PERTURBS)}>, smoke or pod[=<global batch>]"
             )
     if parsed["mode"] not in MODES:
         raise ConfigError(f"config argument mode: got {parsed['mode']!r}, expected one of {MODES}")
@@ -61,14 +70,18 @@ def parse_arg(arg: str | None, default_perturb: str = "noise") -> dict[str, str 
 
 
 def base_config(
-    arg: str | None, *, batch_size: int, k: int | None = None, default_perturb: str = "noise"
+    arg: str | None, *, batch_size: int, k: int | None = None, default_perturb: str = "noise", has_pod: bool = False
 ) -> ml_collections.ConfigDict:
     """The fields every data set has, with the training mode and perturbation from `arg`.
+
+    `has_pod`: the config has a pod-scale setting (`pod` in `arg`), which it applies itself.
 
     `k` is the number of perturbed rows in the `mixed` and `pivot` modes (default m / 2). In the
     `perturbed` mode k follows `batch_size`, so overriding the batch size keeps every row perturbed.
     """
     args = parse_arg(arg, default_perturb)
+    if args["pod"] and not has_pod:
+        raise ConfigError("config argument pod: this config has no pod-scale setting (configs/imagenet.py has)")
     config = ml_collections.ConfigDict()
     # Which of the paper's tables reports compare this experiment with: mnist, cifar10, imagenet or "".
     config.paper_table = ""

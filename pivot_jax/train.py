@@ -89,7 +89,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, is_main
     host_batch = config_lib.host_batch_size(config)
 
     # Data: the class list comes from the training split and is saved with the run.
-    train_split = data.open_split(config.data, config.data.train_split)
+    train_split = data.open_split(config.data, config.data.train_split, use_box_file=True)
+    logging.info("Training MR boxes: %s.", train_split.box_source)
     if train_split.num_classes != config.data.num_classes:
         raise ConfigError(
             f"config.data.num_classes: got {config.data.num_classes}, the data set has {train_split.num_classes}"

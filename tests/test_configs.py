@@ -110,6 +110,28 @@ def test_bad_config_argument(config_path):
         config_lib.load_config(config_path("mnist") + ":fast")
 
 
+def test_imagenet_pod_keeps_the_papers_epochs_at_a_pod_batch(config_path):
+    paper = {mode: config_lib.load_config(config_path("imagenet") + f":mode={mode}") for mode in ("clean", "pivot")}
+    for mode, arg in (("clean", "mode=clean,pod"), ("pivot", "mode=pivot,perturb=lr+mr,pod=8192")):
+        pod = config_lib.load_config(config_path("imagenet") + ":" + arg)
+        config_lib.validate(pod, num_devices=32)
+        batch = 4096 if arg.endswith(",pod") else 8192
+        assert pod.batch_size == batch and pod.model.dtype == "bfloat16"
+        images = pod.batch_size * pod.num_train_steps
+        assert images == pytest.approx(paper[mode].batch_size * paper[mode].num_train_steps, rel=1e-3)
+        assert pod.optim.lr_boundaries == paper[mode].optim.lr_boundaries
+        if mode == "clean":  # Goyal et al.: 0.1 per 256 images, 5 warm-up epochs
+            assert pod.optim.learning_rate == pytest.approx(0.1 * batch / 256)
+            assert pod.optim.warmup_steps * batch == pytest.approx(5 * 1_281_167, rel=1e-3)
+        else:  # the paper's fine-tuning rate per image; half the rows perturbed as in the paper
+            assert pod.optim.learning_rate == pytest.approx(1e-5 * batch / 64)
+            assert pod.perturb.k == batch // 2
+    with pytest.raises(config_lib.ConfigError, match="config argument pod: this config has no pod-scale"):
+        config_lib.load_config(config_path("cifar10") + ":pod")
+    with pytest.raises(config_lib.ConfigError, match="config argument pod: got 'big'"):
+        config_lib.load_config(config_path("imagenet") + ":pod=big")
+
+
 def test_a_config_saved_before_a_field_existed_reads_with_its_default(config_path, tmp_path):
     from pivot_jax import workdirs
 

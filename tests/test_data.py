@@ -165,7 +165,31 @@ def test_folder_source_labels_and_boxes(small_folder):
     np.testing.assert_allclose(split.source.boxes[0], [0.25, 0.25, 0.75, 0.75])
     assert "box file" in split.box_source and "11 examples without a box" in split.box_source
     plain = data.open_split(folder_config(small_folder, box_file=str(box_file)), "test")
-    assert plain.box_source.startswith("default")  # the box file is for evaluation only
+    assert plain.box_source.startswith("default")  # the box file only where the caller asks for it
+
+
+def test_one_box_file_serves_both_splits(small_folder):
+    """`<split>/<id>` rows tell apart examples whose ids repeat across splits; training reads the box
+    file too, and a file without rows for it leaves training on the default box instead of failing."""
+    first_test = sorted((small_folder / "test" / "cat").iterdir())[0].name
+    first_train = sorted((small_folder / "train" / "cat").iterdir())[0].name
+    box_file = small_folder / "boxes.csv"
+    box_file.write_text(f"cat/{first_test},0.1,0.2,0.3,0.4\ntest/cat/{first_test},0.2,0.2,0.4,0.4\n"
+                        f"train/cat/{first_train},0.5,0.5,0.9,0.9\n")
+    config = folder_config(small_folder, box_file=str(box_file))
+    test = data.open_split(config, "test", use_box_file=True)
+    np.testing.assert_allclose(test.source.boxes[4], [0.2, 0.2, 0.4, 0.4])  # the split's own row wins
+    train = data.open_split(config, "train", use_box_file=True)
+    np.testing.assert_allclose(train.source.boxes[2], [0.5, 0.5, 0.9, 0.9])  # airplane x 2, then cat
+    assert train.box_source.startswith("box file") and "5 examples without a box" in train.box_source
+
+    box_file.write_text(f"test/cat/{first_test},0.2,0.2,0.4,0.4\n")
+    train = data.open_split(config, "train", use_box_file=True)
+    np.testing.assert_allclose(train.source.boxes, np.tile([0.25, 0.25, 0.75, 0.75], (6, 1)))
+    assert "has no row for the train split" in train.box_source
+    box_file.write_text(f"train/cat/{first_train},0.5,0.5,0.9,0.9\n")
+    with pytest.raises(data.DataError, match="none of its ids matches an example id of the test split"):
+        data.open_split(config, "test", use_box_file=True)
 
 
 @pytest.mark.parametrize("content,expected", [("cat/x.jpg,0.1,0.2\n", "line 1"),

@@ -231,17 +231,29 @@ def test_launch_scripts_pass_shellcheck():
     assert result.returncode == 0, result.stdout
 
 
-def test_compile_check_resnet18_imagenet():
+def test_compile_check_resnet18_imagenet_pod():
+    """The pod-scale config compiled for 8 fake devices: 512 images each, in bfloat16."""
     result = subprocess.run(
-        [sys.executable, "-m", "pivot_jax.compile_check", f"--config={CONFIGS / 'imagenet.py'}:mode=pivot",
+        [sys.executable, "-m", "pivot_jax.compile_check", f"--config={CONFIGS / 'imagenet.py'}:mode=pivot,pod",
          "--devices=8"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["devices"] == 8 and report["global_batch"] == 64 and report["clean_images_per_step"] == 32
+    assert report["devices"] == 8 and report["global_batch"] == 4096 and report["clean_images_per_step"] == 2048
+    assert report["conv"] == "xla"
     assert abs(report["parameters"] - 11.69e6) < 0.01e6
-    # ResNet-18 forward at 224 is about 1.8 GFLOP (multiply-adds) per image: fwd + bwd ~ 3x, 64 images.
-    assert 0.5e12 < report["flops_per_step"] < 1.5e12
+    # ResNet-18 forward at 224 is about 1.8 GFLOP (multiply-adds) per image: fwd + bwd ~ 3x, 4,096 images.
+    assert 32e12 < report["flops_per_step"] < 96e12
     memory = report["bytes_per_device"]
     assert memory["arguments"] > 11.69e6 * 4 * 2  # parameters and momentum, replicated
-    assert memory["temporaries"] > 0
-    assert "peak estimate" in result.stdout
+    assert memory["temporaries"] > 512 * 224 * 224 * 3 * 2  # at least the device's bfloat16 images
+    assert set(report["fits_hbm"]) == {"TPU v4", "TPU v5e"}
+    assert "peak estimate" in result.stdout and "fits one chip's HBM: TPU v4 (32 GiB): " in result.stdout
+
+
+def test_pod_batch_that_does_not_divide_over_the_devices_is_refused():
+    result = subprocess.run(
+        [sys.executable, "-m", "pivot_jax.compile_check", f"--config={CONFIGS / 'imagenet.py'}:mode=clean,pod=1000",
+         "--devices=16"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "config.batch_size: got 1000, expected a multiple of the 16 devices" in result.stderr
+    assert "Traceback" not in result.stderr

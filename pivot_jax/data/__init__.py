@@ -2,7 +2,7 @@
 
 Every example is a dict `{"image": uint8 [H, W, C], "label": int32, "box": float32 [4]}`, where `box`
 is the (ymin, xmin, ymax, xmax) region that mixed resolution keeps sharp: from the data set where it
-has boxes, else (test split only) from the user's box file, else the configured centred default box.
+has boxes, else from the user's box file, else the configured centred default box.
 Perturbations are not applied here: they run on the device, inside the train step.
 
     tfds_prepare  TFDS data sets prepared offline from the manual dir, or downloaded

@@ -63,8 +63,13 @@ def read_box_file(path: str) -> dict[str, np.ndarray]:
     return boxes
 
 
-def resolve(ids, data_boxes, data: ml_collections.ConfigDict, use_box_file: bool) -> tuple[np.ndarray, str]:
-    """Per example: the data's box, else the box file's, else the default; and which was used."""
+def resolve(ids, data_boxes, data: ml_collections.ConfigDict, use_box_file: bool, split: str = "") -> tuple[np.ndarray, str]:
+    """Per example: the data's box, else the box file's, else the default; and which was used.
+
+    A box file row's id is the example's id, or `<split>/<id>` where one file serves several splits
+    whose ids repeat (image folders, TFDS split indices); the latter wins. A box file with no row for
+    the test split is an error (a wrong file); for the training split it is not (a file of test boxes).
+    """
     default = np.asarray(perturb.centered_box(data.default_box_fraction), np.float32)
     boxes = np.tile(default, (len(ids), 1))
     have_data = np.asarray([b is not None for b in data_boxes], bool)
@@ -77,14 +82,19 @@ def resolve(ids, data_boxes, data: ml_collections.ConfigDict, use_box_file: bool
         file_boxes = read_box_file(data.box_file)
         found = 0
         for i, example_id in enumerate(ids):
-            if not have_data[i] and example_id in file_boxes:
-                boxes[i] = file_boxes[example_id]
+            if have_data[i]:
+                continue
+            box = file_boxes.get(f"{split}/{example_id}", file_boxes.get(example_id))
+            if box is not None:
+                boxes[i] = box
                 found += 1
         if not found:
-            raise DataError(
-                f"config.data.box_file {data.box_file}: none of its ids matches an example id of the "
-                f"split (ids look like {ids[0]!r})"
-            )
+            if split != data.train_split:
+                raise DataError(
+                    f"config.data.box_file {data.box_file}: none of its ids matches an example id of the "
+                    f"{split or 'test'} split (ids look like {ids[0]!r} or {split}/{ids[0]!r})"
+                )
+            return boxes, f"{source}: the box file {data.box_file} has no row for the {split} split"
         source = f"box file {data.box_file}" + (
             f" ({len(ids) - found - have_data.sum()} examples without a box use the {source})"
             if found + have_data.sum() < len(ids) else "")

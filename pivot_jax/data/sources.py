@@ -117,7 +117,7 @@ def _open_tfds(data, split, use_box_file) -> Split:
                 labels.append(example["label"])
                 data_boxes.append(boxes_lib.from_tfds_example(example))
                 ids.append(example["file_name"].decode() if has_names else str(index))
-        boxes, box_source = boxes_lib.resolve(ids, data_boxes, data, use_box_file)
+        boxes, box_source = boxes_lib.resolve(ids, data_boxes, data, use_box_file, split)
         images = _stack(images, [f"{data.name}/{split}[{i}]" for i in range(len(images))], data)
         return Split(ArraySource(images, np.asarray(labels), boxes), num_examples, label_feature.num_classes,
                      box_source, class_names)
@@ -132,7 +132,7 @@ def _open_tfds(data, split, use_box_file) -> Split:
         # Only the names: the images stay encoded.
         names = dataset.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
         ids = [names[i]["file_name"].decode() for i in range(num_examples)]
-    boxes, box_source = boxes_lib.resolve(ids, [None] * num_examples, data, use_box_file)
+    boxes, box_source = boxes_lib.resolve(ids, [None] * num_examples, data, use_box_file, split)
     return Split(LazySource(num_examples, read, boxes), num_examples, label_feature.num_classes, box_source,
                  class_names)
 
@@ -192,7 +192,7 @@ def _open_folder(data, split, use_box_file, class_names) -> Split:
         files += found
         labels += [label] * len(found)
     ids = [str(path.relative_to(root)) for path in files]
-    boxes, box_source = boxes_lib.resolve(ids, [None] * len(files), data, use_box_file)
+    boxes, box_source = boxes_lib.resolve(ids, [None] * len(files), data, use_box_file, split)
     labels = np.asarray(labels, np.int32)
     # Small images (CIFAR) are decoded once, in threads (PIL releases the GIL).
     if len(files) * data.image_size**2 * data.channels <= CACHE_LIMIT_BYTES and data.augment != "imagenet":

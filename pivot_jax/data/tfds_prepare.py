@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pathlib
 import socket
+import tarfile
 import urllib.parse
 import urllib.request
 
@@ -19,6 +20,28 @@ import ml_collections
 from pivot_jax.errors import DataError, first_line
 
 PROBE_TIMEOUT_SECONDS = 10.0
+# The archives a data set's TFDS builder reads from the manual dir: checked (present, whole) before a
+# preparation of hours starts, since TFDS prepares what it finds and leaves a missing split out.
+MANUAL_ARCHIVES = {"imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")}
+
+
+def check_manual_archives(name: str, manual_dir: pathlib.Path) -> None:
+    """A DataError naming the first archive of `name` that is missing, unreadable or truncated."""
+    expected = MANUAL_ARCHIVES.get(name, ())
+    for file_name in expected:
+        path = manual_dir / file_name
+        if not path.is_file():
+            raise DataError(f"{name}: {path} is missing; TFDS prepares {name} from {' and '.join(expected)} "
+                            f"in {manual_dir}")
+        size = path.stat().st_size
+        try:
+            with tarfile.open(path, "r:") as archive:
+                for member in archive:  # headers only: the data is skipped over, not read
+                    if member.offset_data + member.size > size:
+                        raise DataError(f"{name}: {path} is truncated: its member {member.name} ends at byte "
+                                        f"{member.offset_data + member.size:,}, the file has {size:,} bytes")
+        except tarfile.TarError as error:
+            raise DataError(f"{name}: {path} is not a readable tar archive ({error})") from None
 
 
 def network_reachable(host: str, port: int, timeout: float = PROBE_TIMEOUT_SECONDS) -> bool:
@@ -84,6 +107,8 @@ def builder(data: ml_collections.ConfigDict):
                 f"{data.name} is not prepared in {dataset.data_dir} and cannot be downloaded: "
                 f"{endpoint[0]}:{endpoint[1]} is unreachable. " + how_offline
             )
+    if has_manual:
+        check_manual_archives(data.name, manual_dir)
     from absl import logging
 
     logging.info("Preparing %s in %s%s.", data.name, dataset.data_dir,
