@@ -9,6 +9,8 @@
 # Arguments: the data set (mnist or cifar10), the number of training steps (the learning-rate
 # boundaries scale with it), and the root directory of the runs. SEEDS (default "0") lists seeds;
 # EXTRA_SEEDS (default "1" for cifar10) adds seeds for the mixed and pivot rows of the noise table.
+# ROWS (default: all) keeps only the named rows, e.g. ROWS=clean for the schedule search
+# (the shortest schedule at which clean-only training reaches its plateau).
 # MNIST comes from TFDS ($TFDS_DATA_DIR); CIFAR-10 from the image folder $CIFAR_FOLDER when it is set.
 # A checkpoint is written every tenth of the schedule, so an interruption costs little.
 set -euo pipefail
@@ -55,20 +57,26 @@ run_row() {
   echo "== ${name} seed ${seed}: $(date -u +%FT%TZ) done in $((SECONDS - start)) s"
 }
 
+wanted() { [[ -z "${ROWS:-}" || " ${ROWS} " == *" $1 "* ]]; }
+
 for seed in $seeds; do
   for row in "${rows[@]}"; do
     read -r name arg <<< "$row"
-    run_row "$name" "$arg" "$seed"
+    if wanted "$name"; then run_row "$name" "$arg" "$seed"; fi
   done
 done
 for seed in $extra_seeds; do
-  run_row noise_mixed mode=mixed,perturb=noise "$seed"
-  run_row noise_pivot mode=pivot,perturb=noise "$seed"
+  if wanted noise_mixed; then run_row noise_mixed mode=mixed,perturb=noise "$seed"; fi
+  if wanted noise_pivot; then run_row noise_pivot mode=pivot,perturb=noise "$seed"; fi
 done
 
 out="${root}/${dataset}_${steps}"
 cd "$repo"
-python -m pivot_jax.report "${out}"/clean_seed* "${out}"/noise_*_seed* --out="${out}/report_noise" \
-  --columns=clean,noise_0.05,noise_0.15 --title="${dataset}, Gaussian noise, ${steps} steps"
-python -m pivot_jax.report "${out}"/clean_seed* "${out}"/lr_*_seed* --out="${out}/report_lr" \
-  --columns=clean,lr4_nearest,lr4_bicubic --title="${dataset}, low resolution x4, ${steps} steps"
+if compgen -G "${out}/noise_*_seed*" > /dev/null; then
+  python -m pivot_jax.report "${out}"/clean_seed* "${out}"/noise_*_seed* --out="${out}/report_noise" \
+    --columns=clean,noise_0.05,noise_0.15 --title="${dataset}, Gaussian noise, ${steps} steps"
+fi
+if compgen -G "${out}/lr_*_seed*" > /dev/null; then
+  python -m pivot_jax.report "${out}"/clean_seed* "${out}"/lr_*_seed* --out="${out}/report_lr" \
+    --columns=clean,lr4_nearest,lr4_bicubic --title="${dataset}, low resolution x4, ${steps} steps"
+fi

@@ -17,6 +17,16 @@ METHODS = ("nearest", "bicubic")
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "gaussian_blur", "defocus_blur",
                "pixelate", "jpeg_compression", "contrast", "brightness", "saturate")
 SEVERITIES = (1, 2, 3, 4, 5)
+# AlexNet's top-1 error on ImageNet-C per corruption, averaged over the five severities: the baseline of
+# the corruption error CE and its mean, mCE (Hendrycks & Dietterich 2019; google-research/augmix).
+ALEXNET_ERRORS = {
+    "gaussian_noise": .886428, "shot_noise": .894468, "impulse_noise": .922640, "defocus_blur": .819880,
+    "glass_blur": .826268, "motion_blur": .785948, "zoom_blur": .798360, "snow": .866816, "frost": .826572,
+    "fog": .819324, "brightness": .564592, "contrast": .853204, "elastic_transform": .646056,
+    "pixelate": .717840, "jpeg_compression": .606500,
+}
+# The ImageNet-C corruptions implemented here, over which mCE is taken (8 of its 15).
+MCE_CORRUPTIONS = tuple(name for name in CORRUPTIONS if name in ALEXNET_ERRORS)
 SUITE = "corruptions"  # in config.evals / sweep_evals: every corruption at every severity
 _NAME = re.compile(r"^(?:(clean)|noise_(\d+(?:\.\d+)?)|(lr|mr)(\d+)_(nearest|bicubic)|"
                    rf"({'|'.join(CORRUPTIONS)})_([1-5]))$")
@@ -43,6 +53,17 @@ def suite_mean(accuracy: dict[str, float]) -> float | None:
     """The suite's mean accuracy (RobustBench's `corruptions_acc`), when every condition was evaluated."""
     names = suite_names()
     return sum(accuracy[n] for n in names) / len(names) if all(n in accuracy for n in names) else None
+
+
+def mean_corruption_error(accuracy: dict[str, float]) -> float | None:
+    """ImageNet-C's mCE over MCE_CORRUPTIONS, when all their severities were evaluated (else None):
+    the mean over corruptions c of CE_c = sum over severities of the error / the same sum for AlexNet.
+    Comparable with published mCE only on ImageNet with ImageNet-C's parameters, and over these 8."""
+    if not all(f"{c}_{s}" in accuracy for c in MCE_CORRUPTIONS for s in SEVERITIES):
+        return None
+    errors = [sum(1 - accuracy[f"{c}_{s}"] for s in SEVERITIES) / (len(SEVERITIES) * ALEXNET_ERRORS[c])
+              for c in MCE_CORRUPTIONS]
+    return sum(errors) / len(errors)
 
 
 @dataclasses.dataclass(frozen=True)

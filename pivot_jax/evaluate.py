@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from pivot_jax import checkpoint, config_lib, data, results, runtime, sharding, train_state, workdirs
+from pivot_jax import checkpoint, config_lib, corruptions, data, results, runtime, sharding, train_state, workdirs
 from pivot_jax.errors import CheckpointError, UserError
 
 EVAL_SEED = 2018  # fixed: two evaluations of one model give the same numbers
@@ -105,7 +105,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: i
     accuracy, num_examples = evaluator(model_state)
     out_dir = epath.Path(workdir) / "eval" / ("" if step == latest else f"step_{step}")
     if jax.process_index() == 0:
-        out_dir, _ = results.write_results(out_dir, step, accuracy, num_examples, test_split.box_source)
+        table = corruptions.table_for(config.perturb.corruption_table, config.data.image_size)
+        out_dir, _ = results.write_results(out_dir, step, accuracy, num_examples, test_split.box_source, table)
         results.plot_sweeps({f"step {step}": accuracy}, out_dir / "sweeps.png")
     return {"step": step, "accuracy": accuracy, "num_examples": num_examples, "dir": str(out_dir)}
 

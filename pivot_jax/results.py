@@ -65,8 +65,11 @@ def results_dir(eval_dir, step: int) -> epath.Path:
 
 
 def write_results(eval_dir, step: int, accuracy: dict[str, float], num_examples: int,
-                  box_source: str) -> tuple[epath.Path, str]:
-    """Writes `results.json` and `results.md` for `step`; returns the folder used and the table."""
+                  box_source: str, corruption_params: str = "") -> tuple[epath.Path, str]:
+    """Writes `results.json` and `results.md` for `step`; returns the folder used and the table.
+
+    `corruption_params` names the corruptions' parameters used ("imagenet" or "cifar10"); with
+    ImageNet-C's, the results also give the mean corruption error against AlexNet (mCE)."""
     out_dir = results_dir(eval_dir, step)
     if out_dir != epath.Path(eval_dir):
         logging.warning("%s holds the results of a later step; the results of step %d go to %s.",
@@ -86,6 +89,11 @@ def write_results(eval_dir, step: int, accuracy: dict[str, float], num_examples:
         results["corruptions_mean"] = suite
         text += f"\nCommon corruptions, mean of {len(conditions.suite_names())} conditions: {100 * suite:.2f}\n\n"
         text += corruption_table(accuracy) + "\n"
+        mce = conditions.mean_corruption_error(accuracy) if corruption_params == "imagenet" else None
+        if mce is not None:
+            results["mce"], results["mce_corruptions"] = mce, list(conditions.MCE_CORRUPTIONS)
+            text += (f"\nmCE (corruption error relative to AlexNet, ImageNet-C) over the "
+                     f"{len(conditions.MCE_CORRUPTIONS)} of its 15 corruptions implemented: {100 * mce:.1f}\n")
     write_atomically(out_dir / "results.md", text)
     # results.json last: a reader that sees it sees the matching results.md.
     write_atomically(out_dir / "results.json", json.dumps(results, indent=2) + "\n")

@@ -22,7 +22,8 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 from ml_collections import config_flags
 
-from pivot_jax import checkpoint, config_lib, data, evaluate, results, runtime, sharding, train_step, workdirs
+from pivot_jax import (checkpoint, config_lib, corruptions, data, evaluate, results, runtime, sharding, train_step,
+                       workdirs)
 from pivot_jax.errors import ConfigError, TrainingError, UserError
 
 
@@ -221,7 +222,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, is_main
             except Exception as error:  # noqa: BLE001
                 logging.debug("while stopping: %s", error)
     if is_main:
-        _, table = results.write_results(workdir / "eval", step, accuracy, num_examples, test_split.box_source)
+        _, table = results.write_results(workdir / "eval", step, accuracy, num_examples, test_split.box_source,
+                                         corruptions.table_for(config.perturb.corruption_table, config.data.image_size))
         print(f"\nTest accuracy (%) at step {step} ({workdir}):\n{table}\n", flush=True)
     return RunResult(step=step, finished=True, accuracy=accuracy)
 

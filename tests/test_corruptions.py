@@ -297,3 +297,29 @@ def test_results_hold_the_suite_mean_and_a_table_per_corruption_and_severity(tmp
     del accuracy["saturate_5"]  # an incomplete suite has no mean
     results.write_results(tmp_path, 11, accuracy, 100, "default box")
     assert "corruptions_mean" not in json.loads((tmp_path / "results.json").read_text())
+
+
+def test_mce_is_relative_to_alexnet_and_only_with_imagenet_c_parameters(tmp_path):
+    import json
+
+    from pivot_jax import results
+
+    # Errors at exactly AlexNet's on every corruption: every CE is 1, so mCE is 1 (100 in the paper's unit).
+    accuracy = {f"{c}_{s}": 1 - conditions.ALEXNET_ERRORS.get(c, 0.5) for c in conditions.CORRUPTIONS
+                for s in conditions.SEVERITIES}
+    assert conditions.mean_corruption_error(accuracy) == pytest.approx(1.0)
+    assert conditions.MCE_CORRUPTIONS == ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur",
+                                          "pixelate", "jpeg_compression", "contrast", "brightness")
+    # Half AlexNet's error on pixelate alone: its CE is 0.5, the mean over the 8 falls by 0.5 / 8.
+    accuracy.update({f"pixelate_{s}": 1 - conditions.ALEXNET_ERRORS["pixelate"] / 2 for s in conditions.SEVERITIES})
+    assert conditions.mean_corruption_error(accuracy) == pytest.approx(1 - 0.5 / 8)
+
+    results.write_results(tmp_path, 10, accuracy, 100, "default box", "imagenet")
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["mce"] == pytest.approx(1 - 0.5 / 8) and len(saved["mce_corruptions"]) == 8
+    assert "mCE (corruption error relative to AlexNet, ImageNet-C) over the 8 of its 15" in (
+        tmp_path / "results.md").read_text()
+    results.write_results(tmp_path, 11, accuracy, 100, "default box", "cifar10")  # no AlexNet baseline there
+    assert "mce" not in json.loads((tmp_path / "results.json").read_text())
+    del accuracy["contrast_3"]
+    assert conditions.mean_corruption_error(accuracy) is None
