@@ -1,6 +1,7 @@
 """ImageNet training input on one host core: decode, random-area crop, flip, resize to 224.
 
-    python benchmarks/host_pipeline.py [--images 200] [--repeats 5] [--out docs/host_pipeline.json]
+    pip install -e '.[bench]'   # simplejpeg, for its variant (skipped without it)
+    python benchmarks/host_pipeline.py [--images 200] [--repeats 5] [--out docs/results/imagenet/host_pipeline.json]
 
 Each variant turns the same synthetic JPEGs (sizes drawn like ImageNet's training photos: mostly 500
 pixels on the long side at 4:3, 3:2 or square, some from 200 to 800; smooth content with texture,
