@@ -25,6 +25,7 @@ images per second per core (median of the repeats) and the ratio to today's path
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import math
@@ -51,7 +52,8 @@ def imagenet_like_jpegs(count: int, seed: int = 0) -> list[bytes]:
         else:
             long_side = int(rng.integers(200, 801))
         aspect = rng.choice([4 / 3, 3 / 2, 1.0, 4 / 3])
-        height, width = (long_side, round(long_side / aspect)) if rng.random() < 0.25 else (round(long_side / aspect), long_side)
+        short_side = round(long_side / aspect)
+        height, width = (long_side, short_side) if rng.random() < 0.25 else (short_side, long_side)
         # Smooth colour fields (low frequencies, upsampled) plus fine texture: file sizes like photos'.
         coarse = rng.uniform(0, 255, (max(2, height // 32), max(2, width // 32), 3)).astype(np.uint8)
         image = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), np.float32)
@@ -88,13 +90,17 @@ def scaled_crop(image: np.ndarray, full: tuple[int, int], window, flip: bool) ->
     return out[:, ::-1] if flip else out
 
 
-def variant_tfds(data, rng):
+@functools.cache
+def tfds_image_feature():
     import tensorflow_datasets as tfds
 
+    return tfds.features.Image(encoding_format="jpeg")
+
+
+def variant_tfds(data, rng):
     from pivot_jax.data import augment
 
-    feature = variant_tfds.feature = getattr(variant_tfds, "feature", None) or tfds.features.Image(encoding_format="jpeg")
-    image = feature.decode_example_np(data)
+    image = tfds_image_feature().decode_example_np(data)
     height, width = image.shape[:2]
     top, left, crop_h, crop_w, flip = crop_window(height, width, rng)
     out = augment.resize(image[top: top + crop_h, left: left + crop_w], SIZE)

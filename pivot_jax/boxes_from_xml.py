@@ -54,7 +54,8 @@ def xml_documents(source: str) -> Iterator[tuple[str, str, bytes]]:
             with tarfile.open(path) as archive:
                 for member in archive:
                     if member.isfile() and member.name.endswith(".xml"):
-                        yield f"{path}:{member.name}", pathlib.PurePosixPath(member.name).name, archive.extractfile(member).read()
+                        name = pathlib.PurePosixPath(member.name).name
+                        yield f"{path}:{member.name}", name, archive.extractfile(member).read()
         except (tarfile.TarError, EOFError, OSError) as error:
             raise DataError(f"--xml {source}: cannot read the archive ({error})") from None
     else:
@@ -115,7 +116,8 @@ def imagenet_file_names(data_dir: str, name: str = "imagenet2012") -> set[str]:
             continue
         source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
         for start in range(0, len(source), 4096):
-            names.update(ex["file_name"].decode() for ex in source.__getitems__(range(start, min(start + 4096, len(source)))))
+            chunk = source.__getitems__(range(start, min(start + 4096, len(source))))
+            names.update(example["file_name"].decode() for example in chunk)
     return names
 
 

@@ -30,7 +30,8 @@ POD_BATCH = 4096
 FIELDS_A_RESUME_MAY_CHANGE = (
     "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
     "allow_config_change", "evals", "sweep_evals", "data.data_dir", "data.manual_dir", "data.folder",
-    "data.num_threads", "data.prefetch", "data.download", "data.eval_batch_size", "data.test_examples", "profile_steps", "model.conv",
+    "data.num_threads", "data.prefetch", "data.download", "data.eval_batch_size", "data.test_examples",
+    "profile_steps", "model.conv",
 )
 
 # Fields added after runs were already saved, with the value that gives those runs' behaviour: a

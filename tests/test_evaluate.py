@@ -30,8 +30,8 @@ def trained_on_eight(mnist_data_dir, tmp_path_factory):
         assert result.returncode == 0, result.stderr[-3000:]
         assert f"on {devices} devices" in result.stderr
     env = {**os.environ, **EIGHT_DEVICES}
-    evaluated = subprocess.run([sys.executable, "-m", "pivot_jax.evaluate", *args, f"--workdir={workdir}"], env=env, cwd=REPO,
-                               capture_output=True, text=True, timeout=300)
+    evaluated = subprocess.run([sys.executable, "-m", "pivot_jax.evaluate", *args, f"--workdir={workdir}"], env=env,
+                               cwd=REPO, capture_output=True, text=True, timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     return workdir, json.loads((workdir / "eval" / "results.json").read_text()), on_one
 

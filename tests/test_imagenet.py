@@ -94,7 +94,8 @@ def test_box_xml_command(imagenet, tmp_path):
     before = out.read_text()
     unknown = subprocess.run([*command, "--overwrite"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert unknown.returncode != 0 and "Traceback" not in unknown.stderr
-    assert "ILSVRC2012_val_00000099.xml: box file for image ILSVRC2012_val_00000099.JPEG, which is not in" in unknown.stderr
+    assert ("ILSVRC2012_val_00000099.xml: box file for image ILSVRC2012_val_00000099.JPEG, which is not in"
+            in unknown.stderr)
     assert out.read_text() == before
 
 

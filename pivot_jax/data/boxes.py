@@ -63,7 +63,8 @@ def read_box_file(path: str) -> dict[str, np.ndarray]:
     return boxes
 
 
-def resolve(ids, data_boxes, data: ml_collections.ConfigDict, use_box_file: bool, split: str = "") -> tuple[np.ndarray, str]:
+def resolve(ids, data_boxes, data: ml_collections.ConfigDict, use_box_file: bool,
+            split: str = "") -> tuple[np.ndarray, str]:
     """Per example: the data's box, else the box file's, else the default; and which was used.
 
     A box file row's id is the example's id, or `<split>/<id>` where one file serves several splits
