@@ -135,6 +135,7 @@ def test_pretrain_clean_then_finetune_pivot_with_boxes_on_eight_devices(imagenet
     # and centre-cropped to 224; the model pools globally, so the 64-pixel checkpoint runs at 224).
     config = imagenet_config(data_dir, "mode=pivot,perturb=lr+mr,smoke")
     config.data.box_file, config.data.image_size, config.sweep_evals = str(box_file), 224, ()
+    config.evals = ("clean", "mr4_nearest")  # MR reads the boxes, cropped with the image
     at_224 = evaluate.evaluate_checkpoint(config, str(tmp_path / "pivot"))
     assert at_224["step"] == 12 and at_224["num_examples"] == 8
     assert set(at_224["accuracy"]) == set(config.evals) and all(0 <= a <= 1 for a in at_224["accuracy"].values())

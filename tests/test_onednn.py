@@ -88,7 +88,8 @@ def test_cifar_and_mnist_convolutions_equal_lax(shape, batch):
     check_against_lax(shape, batch)
 
 
-@pytest.mark.parametrize("batch", [1, pytest.param(128, marks=pytest.mark.slow)])
+# At 224 pixels, batch 32 runs the kernels batch 128 runs (see ResNet-50 below) in a quarter of the time.
+@pytest.mark.parametrize("batch", [1, 32])
 @pytest.mark.parametrize("shape", RESNET18_SHAPES, ids=str)
 def test_resnet18_convolutions_equal_lax(shape, batch):
     check_against_lax(shape, batch)
