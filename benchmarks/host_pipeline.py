@@ -65,14 +65,10 @@ def imagenet_like_jpegs(count: int, seed: int = 0) -> list[bytes]:
 
 
 def crop_window(height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int, bool]:
-    """TrainTransform's draw: (top, left, crop_h, crop_w, flip)."""
-    area = rng.uniform(0.5, 0.8) * height * width
-    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-    crop_h = int(min(height, max(1, round(np.sqrt(area / aspect)))))
-    crop_w = int(min(width, max(1, round(np.sqrt(area * aspect)))))
-    top = int(rng.integers(0, height - crop_h + 1))
-    left = int(rng.integers(0, width - crop_w + 1))
-    return top, left, crop_h, crop_w, bool(rng.random() < 0.5)
+    """TrainTransform's draws, in its order: (top, left, crop_h, crop_w, flip)."""
+    from pivot_jax.data import augment
+
+    return (*augment.random_area_crop(height, width, rng), bool(rng.random() < 0.5))
 
 
 def jpeg_size(data: bytes) -> tuple[int, int]:

@@ -121,11 +121,10 @@ def imagenet_file_names(data_dir: str, name: str = "imagenet2012") -> set[str]:
     return names
 
 
-def write_box_file(rows: dict, out: str, overwrite: bool) -> None:
-    """Writes the CSV next to `out`, then moves it into place: a reader never sees half a file."""
+def write_box_file(rows: dict, out: str) -> None:
+    """Writes the CSV next to `out`, then moves it into place: a reader never sees half a file.
+    (The command refuses an existing `out` without --overwrite before reading anything.)"""
     target = pathlib.Path(out)
-    if target.exists() and not overwrite:
-        raise UserError(f"--out {out} exists; pass --overwrite to replace it")
     staging = target.with_name(f".{target.name}.partial")
     with open(staging, "w") as file:
         file.write(",".join(BOX_FILE_HEADER) + "\n")
@@ -143,7 +142,7 @@ def main(argv):
             raise UserError(f"--out {FLAGS.out} exists; pass --overwrite to replace it")
         known = imagenet_file_names(FLAGS.data_dir) if FLAGS.data_dir else None
         result = convert(FLAGS.xml, known)
-        write_box_file(result.rows, FLAGS.out, FLAGS.overwrite)
+        write_box_file(result.rows, FLAGS.out)
     except UserError as error:
         sys.exit(f"error: {error}")
     print(f"{FLAGS.out}: {len(result.rows)} images with a box ({result.several_objects} of them the union of "

@@ -44,6 +44,7 @@ def compile_report(config) -> dict:
     per_device["peak_estimate"] = (per_device["arguments"] + per_device["outputs"] - per_device["aliased"]
                                    + per_device["temporaries"] + per_device["generated_code"])
     params = sum(x.size for x in jax.tree.leaves(state.params))
+    conv = models.resolve_conv(config.model.conv)
     return {
         "model": config.model.name,
         "devices": mesh.size,
@@ -51,8 +52,10 @@ def compile_report(config) -> dict:
         "global_batch": config.batch_size,
         "clean_images_per_step": config_lib.host_batch_size(config),
         "parameters": int(params),
-        "conv": models.resolve_conv(config.model.conv),
-        "flops_per_step": train_step.flops_per_step(config, mesh),
+        "conv": conv,
+        # With XLA's convolutions the step just compiled is the one to count; else one is compiled.
+        "flops_per_step": (train_step.compiled_flops(compiled, mesh) if conv == "xla"
+                           else train_step.flops_per_step(config, mesh)),
         "bytes_per_device": per_device,
         "fits_hbm": {chip: per_device["peak_estimate"] <= gib * 2**30 for chip, gib in HBM_GIB.items()},
     }

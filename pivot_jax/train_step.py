@@ -138,7 +138,11 @@ def flops_per_step(config: ml_collections.ConfigDict, mesh: Mesh) -> float:
     xla_config = copy.deepcopy(config)
     xla_config.model.conv = "xla"
     step_fns = build(xla_config, mesh)
-    compiled = step_fns.step.lower(step_fns.abstract_state(), step_fns.abstract_batch()).compile()
+    return compiled_flops(step_fns.step.lower(step_fns.abstract_state(), step_fns.abstract_batch()).compile(), mesh)
+
+
+def compiled_flops(compiled, mesh: Mesh) -> float:
+    """FLOPs of a step compiled with XLA's convolutions, on all devices of `mesh`."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"]) * mesh.size  # the cost analysis counts one device's share

@@ -27,6 +27,9 @@ CIFAR_ARCHIVE = "cifar10/cifar10-jpeg-q75-YoongiKim.tar.gz"
 
 
 SYNTHETIC_CLASSES = 4
+# XLA_FLAGS for a training process on 1 or on 8 fake CPU devices.
+ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 _CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 
 
@@ -81,18 +84,24 @@ def synthetic_folder(tmp_path_factory):
     return str(root)
 
 
-@pytest.fixture
-def synthetic_config(synthetic_folder):
-    """`configs/mnist.py:<arg>` reading the synthetic image folder."""
+def synthetic_config_maker(folder):
+    """make(arg="smoke"): `configs/mnist.py:<arg>` reading the synthetic image folder at `folder`
+    (for module fixtures, which cannot use the per-test `synthetic_config`)."""
     from pivot_jax import config_lib
 
     def make(arg="smoke"):
         config = config_lib.load_config(f"{CONFIGS / 'mnist.py'}:{arg}")
-        config.data.name, config.data.folder = "folder", synthetic_folder
+        config.data.name, config.data.folder = "folder", folder
         config.data.num_classes = SYNTHETIC_CLASSES
         return config
 
     return make
+
+
+@pytest.fixture
+def synthetic_config(synthetic_folder):
+    """`configs/mnist.py:<arg>` reading the synthetic image folder."""
+    return synthetic_config_maker(synthetic_folder)
 
 
 @pytest.fixture(scope="session")

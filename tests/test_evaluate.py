@@ -10,12 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import CONFIGS, REPO, run_train
+from conftest import CONFIGS, EIGHT_DEVICES, ONE_DEVICE, REPO, run_train
 from pivot_jax import checkpoint, config_lib, data, evaluate, models, report
 from test_train import logged_scalars, saved_params
-
-ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,11 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import CONFIGS, REPO, run_train
+from conftest import CONFIGS, EIGHT_DEVICES, ONE_DEVICE, REPO, run_train
 from imagenet_archives import box_xml, make_manual_dir, write_box_archive
 from pivot_jax import boxes_from_xml, config_lib, data, evaluate
 from pivot_jax.data import boxes, tfds_prepare
 from pivot_jax.errors import DataError
-
-ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
 
 def imagenet_config(data_dir, arg="mode=clean,smoke"):
@@ -114,7 +111,7 @@ def test_pretrain_clean_then_finetune_pivot_with_boxes_on_eight_devices(imagenet
     write_boxes(tmp_path, made)
     box_file = tmp_path / "boxes.csv"
     boxes_from_xml.write_box_file(
-        boxes_from_xml.convert([str(tmp_path / "bbox_train.tar.gz"), str(tmp_path / "bbox_val")]).rows, box_file, False)
+        boxes_from_xml.convert([str(tmp_path / "bbox_train.tar.gz"), str(tmp_path / "bbox_val")]).rows, box_file)
     common = [f"--config.data.data_dir={data_dir}", "--config.data.download=False"]
     clean = run_train([f"--config={CONFIGS / 'imagenet.py'}:mode=clean,smoke", f"--workdir={tmp_path / 'clean'}",
                        *common], ONE_DEVICE, timeout=600)

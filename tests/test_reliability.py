@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CONFIGS, REPO, run_train
+from conftest import CONFIGS, REPO, run_train, synthetic_config_maker
 from pivot_jax import checkpoint, data, evaluate, results, train, workdirs
 from pivot_jax.errors import CheckpointError, DataError, TrainingError
 
@@ -30,23 +30,11 @@ def short_run(config, steps=12):
     return config
 
 
-def synthetic_smoke(folder):
-    """`configs/mnist.py:smoke` on the synthetic folder, for module fixtures (`synthetic_config` is per test)."""
-    from pivot_jax import config_lib
-
-    def make():
-        config = config_lib.load_config(f"{CONFIGS / 'mnist.py'}:smoke")
-        config.data.name, config.data.folder, config.data.num_classes = "folder", folder, 4
-        return config
-
-    return make
-
-
 @pytest.fixture(scope="module")
 def trained_once(synthetic_folder, tmp_path_factory):
     """A finished 12-step run, with checkpoints at steps 6 and 12 (tests damage copies of it)."""
     workdir = tmp_path_factory.mktemp("trained") / "run"
-    train.train_and_evaluate(short_run(synthetic_smoke(synthetic_folder)()), str(workdir))
+    train.train_and_evaluate(short_run(synthetic_config_maker(synthetic_folder)()), str(workdir))
     return workdir
 
 
@@ -82,7 +70,7 @@ def constant_lr(make_config, steps):
 def uninterrupted_18(synthetic_folder, tmp_path_factory):
     """The parameters after 18 steps of a run that was never interrupted."""
     whole = tmp_path_factory.mktemp("whole")
-    train.train_and_evaluate(constant_lr(synthetic_smoke(synthetic_folder), 18), str(whole))
+    train.train_and_evaluate(constant_lr(synthetic_config_maker(synthetic_folder), 18), str(whole))
     return params_at(whole, 18)
 
 
@@ -90,7 +78,7 @@ def uninterrupted_18(synthetic_folder, tmp_path_factory):
 def constant_12(synthetic_folder, tmp_path_factory):
     """The same run stopped after 12 steps (checkpoints at 6 and 12); tests damage copies of it."""
     workdir = tmp_path_factory.mktemp("constant_12") / "run"
-    train.train_and_evaluate(constant_lr(synthetic_smoke(synthetic_folder), 12), str(workdir))
+    train.train_and_evaluate(constant_lr(synthetic_config_maker(synthetic_folder), 12), str(workdir))
     return workdir
 
 

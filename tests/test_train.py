@@ -12,12 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import CONFIGS, REPO, run_train
+from conftest import CONFIGS, ONE_DEVICE, REPO, run_train
 from pivot_jax import checkpoint, config_lib, data, train, workdirs
 from pivot_jax.data import tfds_prepare
 from pivot_jax.ops import onednn
-
-ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
 
 
 def saved_params(workdir):

@@ -32,6 +32,18 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
     return out[..., None] if channels == 1 else out
 
 
+def random_area_crop(height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """ImageNet training's crop window (top, left, crop_h, crop_w): area (0.5, 0.8) of the image,
+    aspect ratio in [3/4, 4/3] (log-uniform)."""
+    area = rng.uniform(0.5, 0.8) * height * width
+    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    crop_h = int(min(height, max(1, round(np.sqrt(area / aspect)))))
+    crop_w = int(min(width, max(1, round(np.sqrt(area * aspect)))))
+    top = int(rng.integers(0, height - crop_h + 1))
+    left = int(rng.integers(0, width - crop_w + 1))
+    return top, left, crop_h, crop_w
+
+
 class TrainTransform(grain.transforms.RandomMap):
     """The training augmentation of docs/method.md, with the box moved along with the pixels."""
 
@@ -48,12 +60,7 @@ class TrainTransform(grain.transforms.RandomMap):
             box = _crop_box(box, top - 4, left - 4, height, width, height, width)
         elif self.augment == "imagenet":  # random crop of area (0.5, 0.8), flip, resize
             height, width = image.shape[:2]
-            area = rng.uniform(0.5, 0.8) * height * width
-            aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-            crop_h = int(min(height, max(1, round(np.sqrt(area / aspect)))))
-            crop_w = int(min(width, max(1, round(np.sqrt(area * aspect)))))
-            top = int(rng.integers(0, height - crop_h + 1))
-            left = int(rng.integers(0, width - crop_w + 1))
+            top, left, crop_h, crop_w = random_area_crop(height, width, rng)
             image = resize(image[top : top + crop_h, left : left + crop_w], self.size)
             box = _crop_box(box, top, left, crop_h, crop_w, height, width)
         if self.augment != "none" and rng.random() < 0.5:
