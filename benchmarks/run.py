@@ -51,6 +51,8 @@ def worker_step(args) -> dict:
 
     from pivot_jax import config_lib, runtime, sharding, train_step, train_state
 
+    if args.malloc == "kept":  # as the CLIs do (runtime.configure_cpu_defaults); "system": glibc's defaults
+        runtime.keep_freed_memory()
     if args.num_processes > 1:
         runtime.initialize_distributed(f"127.0.0.1:{args.port}", args.num_processes, args.process_id, 120)
     config = config_lib.load_config(f"{REPO / 'configs' / args.dataset}.py:mode={args.mode},perturb={args.perturb}")
@@ -271,6 +273,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--conv", default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--malloc", default="kept", choices=("kept", "system"), help=argparse.SUPPRESS)
     parser.add_argument("--model", default="", help=argparse.SUPPRESS)
     parser.add_argument("--image-size", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=10, help=argparse.SUPPRESS)
@@ -296,18 +299,22 @@ def main() -> None:
     note("f32 matmul 2048^3 (GFLOP/s)", f"{figures['matmul_gflops']:.0f}")
 
     # Train-step throughput: what each part buys, in order (XLA's defaults; the YNNPACK convolution
-    # fusion off; oneDNN's convolutions), both modes; then the default (oneDNN) in bfloat16.
-    variants = (("XLA defaults", "", "xla"), ("XLA, YNNPACK conv off", YNN_CONV_OFF, "xla"),
-                ("oneDNN conv", YNN_CONV_OFF, "onednn"))
+    # fusion off; oneDNN's convolutions; glibc keeping freed memory), both modes; then the default
+    # (all of them) in bfloat16.
+    variants = (("xla_defaults", "XLA defaults", "", "xla", "system"),
+                ("xla_system_malloc", "XLA, YNNPACK conv off", YNN_CONV_OFF, "xla", "system"),
+                ("onednn_system_malloc", "oneDNN conv", YNN_CONV_OFF, "onednn", "system"),
+                ("onednn", "oneDNN conv, freed memory kept", YNN_CONV_OFF, "onednn", "kept"),
+                ("xla", "XLA, YNNPACK conv off, freed memory kept", YNN_CONV_OFF, "xla", "kept"))
     steps_by = {}
-    for label, flags, conv in variants:
+    for key, label, flags, conv, malloc in variants:
         for mode in ("clean", "pivot"):
-            result = run_worker("step", flags, mode=mode, steps=steps, conv=conv)
-            steps_by[(conv if flags else "xla_defaults", mode)] = result
+            result = run_worker("step", flags, mode=mode, steps=steps, conv=conv, malloc=malloc)
+            steps_by[(key, mode)] = result
             note(f"ResNet-20 b128 32x32 {mode}, {label} (images/s)", f"{result['images_per_s']:.0f}")
     ours = {mode: steps_by[("onednn", mode)] for mode in ("clean", "pivot")}
     figures["step_images_per_s"]["resnet20_b128"] = {m: r["images_per_s"] for m, r in ours.items()}
-    for key in ("xla", "xla_defaults"):
+    for key in ("xla", "xla_defaults", "xla_system_malloc", "onednn_system_malloc"):
         figures["step_images_per_s"][f"resnet20_b128_{key}"] = {
             m: steps_by[(key, m)]["images_per_s"] for m in ("clean", "pivot")}
     figures["gflop_per_step"] = ours["pivot"]["gflop_per_step"]

@@ -26,19 +26,25 @@ if [[ "$dataset" == cifar10 && -n "${CIFAR_FOLDER:-}" ]]; then
   data=(--config.data.name=folder "--config.data.folder=${CIFAR_FOLDER}")
 fi
 
-# The rows: name and config argument.
+# The rows: name, config argument and overrides. `noise_pivot` is the paper's form (stop-gradient on
+# the clean logits), which diverges on MNIST at lr 0.1 (docs/results.md); the `_symmetric` rows are
+# the released code's two-way gradient, the form that trains.
 rows=(
-  "clean mode=clean"
-  "noise_perturbed mode=perturbed,perturb=noise"
-  "noise_mixed mode=mixed,perturb=noise"
-  "noise_pivot mode=pivot,perturb=noise"
-  "lr_perturbed mode=perturbed,perturb=lr"
-  "lr_mixed mode=mixed,perturb=lr"
-  "lr_pivot mode=pivot,perturb=lr"
+  "clean|mode=clean|"
+  "noise_perturbed|mode=perturbed,perturb=noise|"
+  "noise_mixed|mode=mixed,perturb=noise|"
+  "noise_pivot|mode=pivot,perturb=noise|"
+  "noise_pivot_symmetric|mode=pivot,perturb=noise|--config.loss.symmetric=True"
+  "lr_perturbed|mode=perturbed,perturb=lr|"
+  "lr_mixed|mode=mixed,perturb=lr|"
+  "lr_pivot|mode=pivot,perturb=lr|"
+  "lr_pivot_symmetric|mode=pivot,perturb=lr|--config.loss.symmetric=True"
 )
 
+# Trains and evaluates one row. A run that stops on a non-finite loss or gradient is recorded as
+# diverged (DIR/diverged.txt holds the error line) and not run again; the other rows go on.
 run_row() {
-  local name="$1" arg="$2" seed="$3"
+  local name="$1" arg="$2" overrides="$3" seed="$4"
   local workdir="${root}/${dataset}_${steps}/${name}_seed${seed}"
   local config="${repo}/configs/${dataset}.py:${arg}"
   if [[ -f "${workdir}/eval/results.json" ]] && grep -q "\"step\": ${steps}," "${workdir}/eval/results.json" \
@@ -46,13 +52,28 @@ run_row() {
     echo "== ${name} seed ${seed}: done"
     return
   fi
+  if [[ -f "${workdir}/diverged.txt" ]]; then
+    echo "== ${name} seed ${seed}: diverged before ($(cat "${workdir}/diverged.txt"))"
+    return
+  fi
   echo "== ${name} seed ${seed}: $(date -u +%FT%TZ) training"
-  local start=$SECONDS
-  (cd "$repo" && python -m pivot_jax.train "--config=${config}" "--workdir=${workdir}" \
+  local start=$SECONDS log="${workdir}.train.log"
+  mkdir -p "$(dirname "$workdir")"
+  # shellcheck disable=SC2086  # $overrides is zero or more flags
+  if ! (cd "$repo" && python -m pivot_jax.train "--config=${config}" "--workdir=${workdir}" \
       "--config.num_train_steps=${steps}" "--config.seed=${seed}" \
-      "--config.checkpoint_every_steps=${checkpoint_every}" "${data[@]+"${data[@]}"}")
+      "--config.checkpoint_every_steps=${checkpoint_every}" "${data[@]+"${data[@]}"}" $overrides) 2>&1 | tee -a "$log"; then
+    if grep -q "non-finite" "$log"; then
+      grep "non-finite" "$log" | tail -1 > "${workdir}/diverged.txt"
+      echo "== ${name} seed ${seed}: $(date -u +%FT%TZ) diverged after $((SECONDS - start)) s"
+      return
+    fi
+    echo "== ${name} seed ${seed}: training failed (see ${log})"
+    exit 1
+  fi
+  # shellcheck disable=SC2086
   (cd "$repo" && python -m pivot_jax.evaluate "--config=${config}" "--workdir=${workdir}" \
-      "--config.num_train_steps=${steps}" "--config.seed=${seed}" "${data[@]+"${data[@]}"}")
+      "--config.num_train_steps=${steps}" "--config.seed=${seed}" "${data[@]+"${data[@]}"}" $overrides)
   echo "$((SECONDS - start))" > "${workdir}/eval/wall_seconds_last_session.txt"
   echo "== ${name} seed ${seed}: $(date -u +%FT%TZ) done in $((SECONDS - start)) s"
 }
@@ -61,22 +82,22 @@ wanted() { [[ -z "${ROWS:-}" || " ${ROWS} " == *" $1 "* ]]; }
 
 for seed in $seeds; do
   for row in "${rows[@]}"; do
-    read -r name arg <<< "$row"
-    if wanted "$name"; then run_row "$name" "$arg" "$seed"; fi
+    IFS='|' read -r name arg overrides <<< "$row"
+    if wanted "$name"; then run_row "$name" "$arg" "$overrides" "$seed"; fi
   done
 done
 for seed in $extra_seeds; do
-  if wanted noise_mixed; then run_row noise_mixed mode=mixed,perturb=noise "$seed"; fi
-  if wanted noise_pivot; then run_row noise_pivot mode=pivot,perturb=noise "$seed"; fi
+  if wanted noise_mixed; then run_row noise_mixed mode=mixed,perturb=noise "" "$seed"; fi
+  if wanted noise_pivot; then run_row noise_pivot mode=pivot,perturb=noise "" "$seed"; fi
 done
 
 out="${root}/${dataset}_${steps}"
 cd "$repo"
 if compgen -G "${out}/noise_*_seed*" > /dev/null; then
-  python -m pivot_jax.report "${out}"/clean_seed* "${out}"/noise_*_seed* --out="${out}/report_noise" \
+  python -m pivot_jax.report "${out}"/clean_seed*/ "${out}"/noise_*_seed*/ --out="${out}/report_noise" \
     --columns=clean,noise_0.05,noise_0.15 --title="${dataset}, Gaussian noise, ${steps} steps"
 fi
 if compgen -G "${out}/lr_*_seed*" > /dev/null; then
-  python -m pivot_jax.report "${out}"/clean_seed* "${out}"/lr_*_seed* --out="${out}/report_lr" \
+  python -m pivot_jax.report "${out}"/clean_seed*/ "${out}"/lr_*_seed*/ --out="${out}/report_lr" \
     --columns=clean,lr4_nearest,lr4_bicubic --title="${dataset}, low resolution x4, ${steps} steps"
 fi

@@ -2,13 +2,18 @@
 
 Rows are training modes (runs of the same mode and perturbation with other seeds are averaged),
 columns are test conditions, and each cell shows our accuracy beside the paper's where the paper has
-that number (docs/method.md). Each run must have been evaluated (`eval/results.json`). Writes
-`report.md` and `sweeps.png` (every run's sweep curves) into `--out`.
+that number (docs/method.md). Each run must have been evaluated (`eval/results.json`), or have
+stopped on a non-finite loss (`diverged.txt`, written by experiments/paper_tables.sh), which its row
+shows. With several seeds a cell is their mean ± sample standard deviation, and a second table lists
+every seed. Each pivot row is compared with the mixed row of the same perturbation over the seeds
+that both have: the mean paired difference, its 95% interval (Student's t) and a verdict. Writes
+`report.md` and `sweeps.png` (every run's sweep curves, a band over seeds) into `--out`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections import defaultdict
 
@@ -19,7 +24,8 @@ from etils import epath
 from pivot_jax import results
 
 ROW_ORDER = ("Clean only", "Noisy only", "LR only", "MR only", "LR, MR only", "Clean, Noisy", "Clean, LR",
-             "Clean, MR", "Clean, LR, MR", "Pivot loss (Ours)", "Pivot loss, symmetric")
+             "Clean, MR", "Clean, LR, MR", "Clean, Noisy, paired", "Clean, LR, paired", "Clean, MR, paired",
+             "Clean, LR, MR, paired", "Pivot loss (Ours)", "Pivot loss, symmetric")
 _KIND_NAMES = {"noise": "Noisy", "lr": "LR", "mr": "MR"}
 
 # The paper's test accuracies (%), by table, row and test condition (docs/method.md).
@@ -53,8 +59,8 @@ def row_label(config: dict) -> str:
         return "Clean only"
     if mode == "perturbed":
         return f"{', '.join(kinds)} only"
-    if mode == "mixed":
-        return "Clean, " + ", ".join(kinds)
+    if mode == "mixed":  # the paired layout without L_dist is its own control row
+        return "Clean, " + ", ".join(kinds) + (", paired" if config["loss"].get("paired") else "")
     # The ablation whose L_dist gradient also reaches the clean logits (as in the released code).
     return "Pivot loss, symmetric" if config["loss"].get("symmetric") else "Pivot loss (Ours)"
 
@@ -68,42 +74,123 @@ def paper_numbers(config: dict) -> dict[str, float]:
 
 def load_run(run_dir) -> dict:
     run_dir = epath.Path(run_dir)
-    for name in ("config.json", "eval/results.json"):
-        if not (run_dir / name).exists():
-            raise FileNotFoundError(f"{run_dir}: no {name} (train it, then run pivot_jax.evaluate on it)")
+    if not (run_dir / "config.json").exists():
+        raise FileNotFoundError(f"{run_dir}: no config.json (train it, then run pivot_jax.evaluate on it)")
+    diverged = None
+    if not (run_dir / "eval" / "results.json").exists():
+        if not (run_dir / "diverged.txt").exists():
+            raise FileNotFoundError(f"{run_dir}: no eval/results.json (train it, then run pivot_jax.evaluate on it)")
+        diverged = (run_dir / "diverged.txt").read_text().strip()
     config = json.loads((run_dir / "config.json").read_text())
-    run_results = json.loads((run_dir / "eval" / "results.json").read_text())
-    return {"dir": str(run_dir), "config": config, "results": run_results, "row": row_label(config)}
+    run_results = (json.loads((run_dir / "eval" / "results.json").read_text()) if diverged is None
+                   else {"accuracy": {}, "step": None})
+    return {"dir": str(run_dir), "config": config, "row": row_label(config), "diverged": diverged,
+            "results": run_results}
+
+
+def _diverged_step(run: dict) -> str:
+    match = re.search(r"by step (\d+)", run["diverged"] or "")
+    return match.group(1) if match else "?"
+
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom (1-10); past that, 2.2 to 1.96.
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def paired_difference(a: list[float], b: list[float]) -> dict:
+    """Mean of the per-seed differences a - b, its sample standard deviation, the 95% interval and
+    the verdict on "a is better than b": holds, does not hold, or cannot be told apart."""
+    differences = np.asarray(a, float) - np.asarray(b, float)
+    n, mean = len(differences), float(np.mean(differences))
+    if n < 2:
+        return {"n": n, "mean": mean, "sd": None, "low": None, "high": None,
+                "verdict": "cannot be told apart (one seed)"}
+    sd = float(np.std(differences, ddof=1))
+    half = _T95.get(n - 1, 1.96 if n > 30 else 2.2) * sd / np.sqrt(n)
+    low, high = mean - half, mean + half
+    verdict = "holds" if low > 0 else "does not hold" if high < 0 else "cannot be told apart"
+    return {"n": n, "mean": mean, "sd": sd, "low": low, "high": high, "verdict": verdict}
+
+
+def _comparisons(groups: dict[str, list[dict]], columns: list[str]) -> list[str]:
+    """Each pivot row against the mixed row of the same perturbation, seed by seed."""
+    lines = []
+    for pivot_row in ("Pivot loss (Ours)", "Pivot loss, symmetric"):
+        for pivot in groups.get(pivot_row, [])[:1]:
+            mixed_row = row_label({**pivot["config"], "loss": {"mode": "mixed", "paired": False}})
+            for control_row in (mixed_row, mixed_row + ", paired"):
+                by_seed = {m["config"]["seed"]: m for m in groups.get(control_row, []) if not m["diverged"]}
+                pairs = [(p, by_seed[p["config"]["seed"]]) for p in groups[pivot_row]
+                         if not p["diverged"] and p["config"]["seed"] in by_seed]
+                if not pairs:
+                    continue
+                if not lines:
+                    lines += ["", "Paired comparison (same seeds): accuracy of the pivot row minus the control row, "
+                              "in points; mean ± sample standard deviation of the differences, 95% interval "
+                              "(Student's t), and whether \"pivot is better\" holds.", "",
+                              "| pivot row | control row | condition | seeds | difference | 95% interval | verdict |",
+                              "|---|---|---|---|---|---|---|"]
+                for column in columns:
+                    usable = [(p, c) for p, c in pairs
+                              if column in p["results"]["accuracy"] and column in c["results"]["accuracy"]]
+                    if not usable:
+                        continue
+                    result = paired_difference([100 * p["results"]["accuracy"][column] for p, _ in usable],
+                                               [100 * c["results"]["accuracy"][column] for _, c in usable])
+                    spread = f" ± {result['sd']:.2f}" if result["sd"] is not None else ""
+                    interval = f"[{result['low']:+.2f}, {result['high']:+.2f}]" if result["low"] is not None else "–"
+                    seeds = ", ".join(str(p["config"]["seed"]) for p, _ in usable)
+                    lines.append(f"| {pivot_row} | {control_row} | {column} | {seeds} | {result['mean']:+.2f}{spread} "
+                                 f"| {interval} | {result['verdict']} |")
+    return lines
 
 
 def build_report(runs: list[dict], columns: list[str] | None = None, title: str = "") -> str:
-    """The Markdown table: our mean accuracy (with the seeds' spread) beside the paper's."""
+    """The Markdown tables: our mean accuracy (with the seeds' spread) beside the paper's, every
+    seed, and the paired pivot-against-mixed comparison."""
+    finished = [r for r in runs if not r["diverged"]]
     if columns is None:
-        columns = [c for c in runs[0]["config"]["evals"] if all(c in r["results"]["accuracy"] for r in runs)]
+        reference = finished[0] if finished else runs[0]
+        columns = [c for c in reference["config"]["evals"] if all(c in r["results"]["accuracy"] for r in finished)]
     groups: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
         groups[run["row"]].append(run)
     rows = sorted(groups, key=lambda r: ROW_ORDER.index(r) if r in ROW_ORDER else len(ROW_ORDER))
     lines = [f"## {title}" if title else "", "",
              "Test accuracy (%): ours, then the paper's in parentheses where it reports the cell. "
-             "With several seeds: their mean ± half their range.", "",
+             "With several seeds: their mean ± sample standard deviation.", "",
              "| training | " + " | ".join(columns) + " | seeds | steps |",
              "|---|" + "---|" * (len(columns) + 2)]
     for row in rows:
         members = groups[row]
+        done = [m for m in members if not m["diverged"]]
         paper = paper_numbers(members[0]["config"])
         cells = []
         for column in columns:
-            values = [100 * m["results"]["accuracy"][column] for m in members if column in m["results"]["accuracy"]]
-            cell = f"{np.mean(values):.2f}" if values else "–"
+            values = [100 * m["results"]["accuracy"][column] for m in done if column in m["results"]["accuracy"]]
+            cell = f"{np.mean(values):.2f}" if values else ("diverged" if not done else "–")
             if len(values) > 1:
-                cell += f" ± {(max(values) - min(values)) / 2:.2f}"
+                cell += f" ± {np.std(values, ddof=1):.2f}"
             if column in paper:
                 cell += f" ({paper[column]:.1f})"
             cells.append(cell)
-        seeds = ", ".join(str(m["config"]["seed"]) for m in members)
-        steps = ", ".join(sorted({str(m["results"]["step"]) for m in members}))
+        seeds = ", ".join(str(m["config"]["seed"]) + (" (diverged)" if m["diverged"] else "") for m in members)
+        steps = ", ".join(sorted({str(m["results"]["step"]) if not m["diverged"] else f"diverged by {_diverged_step(m)}"
+                                  for m in members}))
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {seeds} | {steps} |")
+    if any(len(groups[row]) > 1 or groups[row][0]["diverged"] for row in rows):
+        lines += ["", "Every seed:", "", "| training | seed | " + " | ".join(columns) + " | step |",
+                  "|---|---|" + "---|" * (len(columns) + 1)]
+        for row in rows:
+            for m in sorted(groups[row], key=lambda m: m["config"]["seed"]):
+                if m["diverged"]:
+                    lines.append(f"| {row} | {m['config']['seed']} | " + " | ".join("–" for _ in columns)
+                                 + f" | diverged by {_diverged_step(m)}: `{m['diverged'][:160]}` |")
+                    continue
+                accuracy = m["results"]["accuracy"]
+                cells = [f"{100 * accuracy[c]:.2f}" if c in accuracy else "–" for c in columns]
+                lines.append(f"| {row} | {m['config']['seed']} | " + " | ".join(cells) + f" | {m['results']['step']} |")
+    lines += _comparisons(groups, columns)
     lines += ["", "Runs: " + ", ".join(f"`{m['dir']}`" for row in rows for m in groups[row]), ""]
     return "\n".join(lines).lstrip("\n")
 
@@ -114,8 +201,12 @@ def write_report(run_dirs: list[str], out_dir, columns: list[str] | None = None,
     out_dir.mkdir(parents=True, exist_ok=True)
     text = build_report(runs, columns, title)
     (out_dir / "report.md").write_text(text)
-    curves = {f"{r['row']} (seed {r['config']['seed']})": r["results"]["accuracy"] for r in runs}
-    results.plot_sweeps(curves, out_dir / "sweeps.png")
+    curves: dict[str, list[dict]] = defaultdict(list)
+    for run in runs:
+        if not run["diverged"]:
+            curves[run["row"]].append(run["results"]["accuracy"])
+    labelled = {f"{row} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})": seeds for row, seeds in curves.items()}
+    results.plot_sweeps(labelled, out_dir / "sweeps.png")
     return text
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 from absl import logging
 from etils import epath
 
@@ -100,9 +101,10 @@ def write_results(eval_dir, step: int, accuracy: dict[str, float], num_examples:
     return out_dir, table
 
 
-def plot_sweeps(curves: dict[str, dict[str, float]], path) -> None:
+def plot_sweeps(curves: dict[str, list[dict[str, float]]], path) -> None:
     """Accuracy against sigma, and against the LR factor (one line per up-sampling method), for
-    each run in `curves` ({run label: {eval name: accuracy}}); one PNG with two panels."""
+    each row in `curves` ({label: [{eval name: accuracy}, one per seed]}): the mean over seeds, with
+    a band from the lowest to the highest seed where there are several; one PNG with two panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,22 +112,34 @@ def plot_sweeps(curves: dict[str, dict[str, float]], path) -> None:
 
     figure, (noise_axis, lr_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for index, (label, accuracy) in enumerate(curves.items()):
+
+    def draw(axis, points_per_seed, style, colour, label):
+        xs = sorted(set.intersection(*(set(points) for points in points_per_seed)))
+        if not xs:
+            return
+        values = np.array([[100 * points[x] for x in xs] for points in points_per_seed])
+        axis.plot(xs, values.mean(axis=0), style, color=colour, label=label)
+        if len(values) > 1:
+            axis.fill_between(xs, values.min(axis=0), values.max(axis=0), color=colour, alpha=0.2)
+
+    for index, (label, seeds) in enumerate(curves.items()):
         colour = colours[index % len(colours)]
-        parsed = [(conditions.EvalCondition.parse(name), value) for name, value in accuracy.items()]
-        noise = sorted((p.sigma, v) for p, v in parsed if p.kind == "noise")
-        clean = accuracy.get("clean")
-        if clean is not None and not any(s == 0 for s, _ in noise):
-            noise = [(0.0, clean)] + noise
-        if noise:
-            noise_axis.plot(*zip(*[(s, 100 * v) for s, v in noise]), "o-", color=colour, label=label)
+        noise_per_seed, lr_per_seed = [], {"nearest": [], "bicubic": []}
+        for accuracy in seeds:
+            parsed = [(conditions.EvalCondition.parse(name), value) for name, value in accuracy.items()]
+            clean = accuracy.get("clean")
+            noise = {p.sigma: v for p, v in parsed if p.kind == "noise"}
+            if clean is not None and 0 not in noise:
+                noise[0.0] = clean
+            noise_per_seed.append(noise)
+            for method in lr_per_seed:
+                points = {p.factor: v for p, v in parsed if p.kind == "lr" and p.method == method}
+                if clean is not None and points:
+                    points[1] = clean
+                lr_per_seed[method].append(points)
+        draw(noise_axis, noise_per_seed, "o-", colour, label)
         for method, style in (("nearest", "o-"), ("bicubic", "s--")):
-            points = sorted((p.factor, v) for p, v in parsed if p.kind == "lr" and p.method == method)
-            if clean is not None and points:
-                points = [(1, clean)] + points
-            if points:
-                lr_axis.plot(*zip(*[(f, 100 * v) for f, v in points]), style, color=colour,
-                             label=f"{label}, {method}")
+            draw(lr_axis, lr_per_seed[method], style, colour, f"{label}, {method}")
     noise_axis.set(xlabel="Gaussian noise sigma", ylabel="test accuracy (%)", title="Noise", ylim=(0, 100))
     lr_axis.set(xlabel="low-resolution factor", ylabel="test accuracy (%)", title="Low resolution", ylim=(0, 100))
     lr_axis.set_xscale("log", base=2)

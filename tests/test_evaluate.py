@@ -120,12 +120,16 @@ def test_earlier_step_goes_to_its_own_folder(trained_on_eight, mnist_config):
     assert json.loads((workdir / "eval" / "step_6" / "results.json").read_text())["step"] == 6
 
 
-def fake_run(path, dataset, mode, kinds, seed, accuracy, symmetric=False):
+def fake_run(path, dataset, mode, kinds, seed, accuracy, symmetric=False, paired=False, diverged=None):
     path.mkdir(parents=True)
     config = config_lib.load_config(f"{CONFIGS / (dataset + '.py')}:mode={mode},perturb={'+'.join(kinds) or 'noise'}")
     config.seed = seed
     config.loss.symmetric = symmetric
+    config.loss.paired = paired
     (path / "config.json").write_text(config.to_json_best_effort())
+    if diverged:
+        (path / "diverged.txt").write_text(diverged)
+        return str(path)
     (path / "eval").mkdir()
     (path / "eval" / "results.json").write_text(json.dumps({"step": 100, "accuracy": accuracy,
                                                             "num_examples": {k: 10 for k in accuracy}}))
@@ -144,9 +148,12 @@ def test_report_rows_seeds_and_paper_numbers(tmp_path):
     ]
     text = report.write_report(runs, tmp_path / "out", columns=["clean", "noise_0.05", "noise_0.15"], title="Noise")
     assert "| Clean only | 90.00 (91.6) | 80.00 (62.4) | 50.00 (16.6) | 0 |" in text
-    assert "| Pivot loss (Ours) | 90.00 ± 0.00 (90.8) | 80.00 ± 0.00 (89.6) | 72.00 ± 2.00 (81.7) | 0, 1 |" in text
+    # Two seeds: mean ± sample standard deviation (70 and 74: 2.83), and each seed in its own table.
+    assert "| Pivot loss (Ours) | 90.00 ± 0.00 (90.8) | 80.00 ± 0.00 (89.6) | 72.00 ± 2.83 (81.7) | 0, 1 |" in text
+    assert "| Pivot loss (Ours) | 1 | 90.00 | 80.00 | 74.00 | 100 |" in text
     assert "| Clean, Noisy | 90.00 (90.5)" in text
-    order = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    main_table = text.split("Every seed:")[0]
+    order = [line.split(" | ")[0] for line in main_table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     # The symmetric ablation is a row of its own, without the paper's numbers.
     assert "| Pivot loss, symmetric | 90.00 | 80.00 | 60.00 | 0 |" in text
     assert order == ["| Clean only", "| Clean, Noisy", "| Pivot loss (Ours)", "| Pivot loss, symmetric"]
@@ -154,3 +161,34 @@ def test_report_rows_seeds_and_paper_numbers(tmp_path):
     (tmp_path / "out" / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="no eval/results.json"):
         report.load_run(tmp_path / "out")
+
+
+def test_report_compares_pivot_with_mixed_seed_by_seed_and_shows_diverged_runs(tmp_path):
+    base = {"clean": 0.9, "noise_0.05": 0.8, "noise_0.15": 0.5}
+    runs = []
+    # Pivot beats mixed by 2, 3 and 4 points at sigma 0.15 (a clear gain), by -1, +1, 0 on clean inputs.
+    for seed, (gain, clean) in enumerate(((0.02, -0.01), (0.03, 0.01), (0.04, 0.0))):
+        runs.append(fake_run(tmp_path / f"mixed{seed}", "cifar10", "mixed", ("noise",), seed, base))
+        runs.append(fake_run(tmp_path / f"sym{seed}", "cifar10", "pivot", ("noise",), seed,
+                             {**base, "noise_0.15": 0.5 + gain, "clean": 0.9 + clean}, symmetric=True))
+    runs.append(fake_run(tmp_path / "paired0", "cifar10", "mixed", ("noise",), 0, {**base, "noise_0.15": 0.6},
+                         paired=True))
+    runs.append(fake_run(tmp_path / "pivot0", "cifar10", "pivot", ("noise",), 0, {},
+                         diverged="error: non-finite loss by step 450 (loss nan, gradient norm inf)"))
+    text = report.write_report(runs, tmp_path / "out", columns=["clean", "noise_0.15"])
+    assert "| Pivot loss (Ours) | diverged (90.8) | diverged (81.7) | 0 (diverged) | diverged by 450 |" in text
+    assert "| Clean, Noisy, paired | 90.00 | 60.00 | 0 | 100 |" in text
+    lines = {tuple(cell.strip() for cell in line.split("|")[1:4]): line for line in text.splitlines()
+             if line.startswith("| Pivot loss, symmetric | Clean")}
+    # Mean +3.00, sd 1.00, t(2) 4.303: interval 3 ± 2.48, above zero.
+    assert "+3.00 ± 1.00 | [+0.52, +5.48] | holds |" in lines[("Pivot loss, symmetric", "Clean, Noisy", "noise_0.15")]
+    assert "cannot be told apart |" in lines[("Pivot loss, symmetric", "Clean, Noisy", "clean")]
+    # Against the paired control only seed 0 exists: 52 - 60 = -8 points, but one seed tells nothing.
+    assert "| 0 | -8.00 | – | cannot be told apart (one seed) |" in lines[
+        ("Pivot loss, symmetric", "Clean, Noisy, paired", "noise_0.15")]
+    assert (tmp_path / "out" / "sweeps.png").stat().st_size > 10_000
+
+
+def test_paired_difference_verdicts():
+    assert report.paired_difference([1, 2, 3], [3, 4, 5.5])["verdict"] == "does not hold"
+    assert report.paired_difference([1, 2, 3], [1, 2, 3])["verdict"] == "cannot be told apart"

@@ -48,3 +48,59 @@ def test_single_process_needs_no_coordinator(monkeypatch):
 def test_coordinator_needs_process_count_and_id():
     with pytest.raises(runtime.DistributedError, match="--num_processes and --process_id"):
         runtime.initialize_distributed("127.0.0.1:1234")
+
+
+_FAULTS_PER_CALL = r"""
+import resource
+from pivot_jax import runtime
+runtime.configure_cpu_defaults()
+import jax, jax.numpy as jnp
+from jax import lax
+
+def step(x):  # two 64 MB temporaries
+    y = lax.optimization_barrier(jnp.sin(x) + 1.0)
+    return (lax.optimization_barrier(y[::-1] * 2.0) * y).sum()
+
+step = jax.jit(step)
+x = jnp.ones((4096, 4096), jnp.float32)
+for _ in range(20):  # the heap reaches its steady state
+    jax.block_until_ready(step(x))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    jax.block_until_ready(step(x))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+
+
+@pytest.mark.skipif(not runtime.sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_freed_memory_is_kept_so_steps_do_not_fault_their_temporaries_in_again(tmp_path):
+    import subprocess
+    import sys
+
+    temporary_pages = 2 * 4096 * 4096 * 4 // 4096
+
+    def faults_per_call(**env):
+        environment = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", **env}
+        result = subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL], env=environment, capture_output=True,
+                                text=True, check=True)
+        return float(result.stdout.strip().splitlines()[-1])
+
+    # A user's own glibc malloc tuning wins (this one is glibc's default): each call maps its
+    # temporary anew and faults in every page of it.
+    assert faults_per_call(GLIBC_TUNABLES="glibc.malloc.tcache_count=7") > temporary_pages / 2
+    assert faults_per_call() < temporary_pages / 20
+
+
+def test_users_own_malloc_tuning_wins(monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4")
+    assert runtime.keep_freed_memory() is False
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setenv("MALLOC_ARENA_MAX_", "2")
+    assert runtime.keep_freed_memory() is False
+
+
+def test_cpu_backend_detection(monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "tpu")
+    assert runtime._cpu_is_the_backend() is False
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert runtime._cpu_is_the_backend() is True

@@ -135,15 +135,16 @@ ffi::Error Run(Pass pass, ffi::AnyBuffer activations, ffi::AnyBuffer other, ffi:
     const memory::dims src_dims{s.n, s.c, s.h, s.w}, dst_dims{s.n, s.o, s.oh, s.ow};
     const memory::desc src_md(src_dims, type, memory::format_tag::nhwc);
     const memory::desc dst_md(dst_dims, type, memory::format_tag::nhwc);
-    std::vector<uint8_t> scratchpad_bytes(conv.scratchpad.get_size());
-    memory scratchpad(conv.scratchpad, engine, scratchpad_bytes.data());
-    std::vector<uint8_t> weights_bytes(conv.reorder_weights ? conv.weights.get_size() : 0);
+    // Uninitialised on purpose (oneDNN writes before it reads): zeroing them costs a pass per call.
+    std::unique_ptr<uint8_t[]> scratchpad_bytes(new uint8_t[conv.scratchpad.get_size()]);
+    memory scratchpad(conv.scratchpad, engine, scratchpad_bytes.get());
+    std::unique_ptr<uint8_t[]> weights_bytes(new uint8_t[conv.reorder_weights ? conv.weights.get_size() : 0]);
 
     if (pass == Pass::kBackwardWeights) {
       memory src(src_md, engine, activations.untyped_data());
       memory diff_dst(dst_md, engine, other.untyped_data());
       memory diff_weights_hwio(conv.hwio, engine, result.untyped_data());
-      memory diff_weights = conv.reorder_weights ? memory(conv.weights, engine, weights_bytes.data()) : diff_weights_hwio;
+      memory diff_weights = conv.reorder_weights ? memory(conv.weights, engine, weights_bytes.get()) : diff_weights_hwio;
       conv.conv.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
                                  {DNNL_ARG_DIFF_WEIGHTS, diff_weights}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
       if (conv.reorder_weights) conv.weights_reorder.execute(stream, diff_weights, diff_weights_hwio);
@@ -151,7 +152,7 @@ ffi::Error Run(Pass pass, ffi::AnyBuffer activations, ffi::AnyBuffer other, ffi:
       memory weights_hwio(conv.hwio, engine, other.untyped_data());
       memory weights = weights_hwio;
       if (conv.reorder_weights) {
-        weights = memory(conv.weights, engine, weights_bytes.data());
+        weights = memory(conv.weights, engine, weights_bytes.get());
         conv.weights_reorder.execute(stream, weights_hwio, weights);
       }
       if (pass == Pass::kForward) {
