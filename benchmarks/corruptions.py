@@ -2,7 +2,7 @@
 
     python benchmarks/corruptions.py [--images N] [--cifar-folder DIR] [--json FILE] [--workdir RUN]
 
-Both produce every corruption at every severity (11 x 5) for N 32x32 RGB images (default: the 10,000
+Both produce every corruption at every severity (15 x 5) for N 32x32 RGB images (default: the 10,000
 of the CIFAR-10 test split when --cifar-folder is given, else random smooth images), stored as uint8.
 The host reference is what a user runs without pivot_jax: NumPy, SciPy and Pillow per image, one
 process, the published formulas (Pillow for pixelate and JPEG, SciPy's filters for the blurs,
@@ -82,6 +82,41 @@ def reference(name: str, c, image: np.ndarray, rng: np.random.Generator) -> np.n
     elif name == "contrast":
         means = x.mean((0, 1), keepdims=True)
         x = (x - means) * c + means
+    elif name == "glass_blur":
+        sigma, delta, passes = c
+        x = np.uint8(scipy.ndimage.gaussian_filter(x, sigma=(sigma, sigma, 0), mode="nearest", truncate=4.0) * 255)
+        for _ in range(passes):
+            for h in range(32 - delta, delta, -1):
+                for w in range(32 - delta, delta, -1):
+                    dx, dy = rng.integers(-delta, delta, size=2)
+                    x[h, w], x[h + dy, w + dx] = x[h + dy, w + dx], x[h, w]  # a copy, as published
+        x = scipy.ndimage.gaussian_filter(x / 255.0, sigma=(sigma, sigma, 0), mode="nearest", truncate=4.0)
+    elif name == "zoom_blur":
+        total = x.copy()
+        for zoom in c:
+            crop = int(np.ceil(32 / zoom))
+            top = (32 - crop) // 2
+            zoomed = scipy.ndimage.zoom(x[top:top + crop, top:top + crop], (zoom, zoom, 1), order=1)
+            trim = (zoomed.shape[0] - 32) // 2
+            total += zoomed[trim:trim + 32, trim:trim + 32]
+        x = total / (len(c) + 1)
+    elif name == "fog":
+        peak = x.max()
+        x = (x + c[0] * plasma(32, c[1], rng)[..., None]) * peak / (peak + c[0])
+    elif name == "elastic_transform":
+        alpha, sigma, spread = c
+        source = np.float32([[26, 26], [26, 6], [6, 6]])  # centre 16 +- 32 // 3
+        target = source + rng.uniform(-spread, spread, size=source.shape)
+        affine = np.linalg.solve(np.c_[source, np.ones(3)], target).T
+        inverse, swap = np.linalg.inv(affine[:, :2]), np.array([[0, 1], [1, 0]])
+        x = np.stack([scipy.ndimage.affine_transform(x[..., k], swap @ inverse @ swap,
+                                                     offset=-(swap @ inverse @ affine[:, 2]), order=1, mode="mirror")
+                      for k in range(3)], -1)
+        dx, dy = (scipy.ndimage.gaussian_filter(rng.uniform(-1, 1, (32, 32)), sigma, mode="reflect", truncate=3) * alpha
+                  for _ in range(2))
+        rows, cols = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+        x = np.stack([scipy.ndimage.map_coordinates(x[..., k], (rows + dy, cols + dx), order=1, mode="reflect")
+                      for k in range(3)], -1)
     else:
         hsv = rgb_to_hsv(x)
         if name == "brightness":
@@ -90,6 +125,26 @@ def reference(name: str, c, image: np.ndarray, rng: np.random.Generator) -> np.n
             hsv[..., 1] = np.clip(hsv[..., 1] * c[0] + c[1], 0, 1)
         x = hsv_to_rgb(hsv)
     return np.uint8(np.clip(x, 0, 1) * 255)
+
+
+def plasma(mapsize: int, decay: float, rng: np.random.Generator) -> np.ndarray:
+    """The published diamond-square map (NumPy)."""
+    heights = np.zeros((mapsize, mapsize))
+    step, wibble = mapsize, 100.0
+    while step >= 2:
+        half = step // 2
+        corner = heights[0::step, 0::step]
+        square = corner + np.roll(corner, -1, 0)
+        square += np.roll(square, -1, 1)
+        heights[half::step, half::step] = square / 4 + wibble * rng.uniform(-wibble, wibble, square.shape)
+        dr, ul = heights[half::step, half::step], heights[0::step, 0::step]
+        left = dr + np.roll(dr, 1, 0) + ul + np.roll(ul, -1, 1)
+        top = dr + np.roll(dr, 1, 1) + ul + np.roll(ul, -1, 0)
+        heights[0::step, half::step] = left / 4 + wibble * rng.uniform(-wibble, wibble, left.shape)
+        heights[half::step, 0::step] = top / 4 + wibble * rng.uniform(-wibble, wibble, top.shape)
+        step, wibble = half, wibble / decay
+    heights -= heights.min()
+    return heights / heights.max()
 
 
 def host_suite(images: np.ndarray) -> dict[str, float]:

@@ -37,6 +37,12 @@ PARAMS = {
         "contrast": (0.75, 0.50, 0.40, 0.30, 0.15),
         "brightness": (0.05, 0.10, 0.15, 0.20, 0.30),
         "saturate": ((0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)),
+        "glass_blur": ((0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)),
+        "zoom_blur": tuple(tuple(np.arange(1, end, 0.01)) for end in (1.06, 1.11, 1.16, 1.21, 1.26)),
+        "fog": ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)),
+        # (alpha, sigma, affine spread) in pixels: the published 32 * (...).
+        "elastic_transform": tuple(tuple(32 * v for v in c) for c in (
+            (0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03))),
     },
     "imagenet": {
         "gaussian_noise": (0.08, 0.12, 0.18, 0.26, 0.38),
@@ -50,6 +56,13 @@ PARAMS = {
         "contrast": (0.40, 0.30, 0.20, 0.10, 0.05),
         "brightness": (0.1, 0.2, 0.3, 0.4, 0.5),
         "saturate": ((0.3, 0), (0.1, 0), (2, 0), (5, 0.1), (20, 0.2)),
+        "glass_blur": ((0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2)),
+        "zoom_blur": tuple(tuple(np.arange(1, end, step)) for end, step in
+                           ((1.11, 0.01), (1.16, 0.01), (1.21, 0.02), (1.26, 0.02), (1.31, 0.03))),
+        "fog": ((1.5, 2), (2, 2), (2.5, 1.7), (2.5, 1.5), (3, 1.4)),
+        # The published 244 * (...) (its comment: 244 should have been 224, and it is kept so).
+        "elastic_transform": tuple(tuple(244 * v for v in c) for c in (
+            (2, 0.7, 0.1), (2, 0.08, 0.2), (0.05, 0.01, 0.02), (0.07, 0.01, 0.02), (0.12, 0.01, 0.02))),
     },
 }
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's RGB -> "L"
@@ -187,6 +200,187 @@ def defocus_kernel(radius: float, alias_blur: float) -> np.ndarray:
 def defocus_blur(key, image, c):
     del key
     return _clip(_per_channel_filter(image, defocus_kernel(*c), "reflect"))
+
+
+def glass_blur(key, image, c):
+    """Gaussian blur (sigma c[0]), stored as uint8 (rounded down), then `c[2]` passes of local pixel
+    shuffling: every pixel (h, w) from the bottom-right, `c[1]` from the border, takes the value of the
+    pixel at an offset drawn from [-c[1], c[1]) in each axis, in the published order (each step sees
+    the previous ones); then the blur again.
+
+    The published code writes this as a swap, `x[h, w], x[h', w'] = x[h', w'], x[h, w]`, but on NumPy
+    arrays its right side holds views, so the second assignment writes x[h', w'] back onto itself: it
+    is a copy, and the released sets were made with it. This op copies too."""
+    sigma, delta, passes = c
+    height, width = image.shape[:2]
+    rows, cols = np.arange(height - delta, delta, -1), np.arange(width - delta, delta, -1)
+    hs = np.tile(np.repeat(rows, len(cols)), passes)
+    ws = np.tile(np.tile(cols, len(rows)), passes)
+    offsets = jax.random.randint(key, (len(hs), 2), -delta, delta)  # (dx, dy) per swap
+    pixels = jnp.floor(gaussian_blur(None, image, sigma) * 255.0 + 1e-3) / 255.0
+
+    def swap(i, x):
+        h, w = jnp.asarray(hs)[i], jnp.asarray(ws)[i]
+        return x.at[h, w].set(x[h + offsets[i, 1], w + offsets[i, 0]])
+
+    return gaussian_blur(None, jax.lax.fori_loop(0, len(hs), swap, pixels), sigma)
+
+
+@functools.lru_cache(maxsize=None)
+def clipped_zoom_matrix(size: int, zoom: float) -> np.ndarray:
+    """[size, size] weights of the published `clipped_zoom` along one axis: the centre
+    ceil(size / zoom) pixels, SciPy's order-1 `zoom` of them by `zoom` (output round(ch * zoom),
+    sample i at input coordinate i * (ch - 1) / (out - 1)), and the centre `size` of the result."""
+    crop = int(np.ceil(size / zoom))
+    top = (size - crop) // 2
+    out = int(round(crop * zoom))
+    trim = (out - size) // 2
+    matrix = np.zeros((size, size))
+    for i in range(size):
+        x = (i + trim) * (crop - 1) / (out - 1) if out > 1 else 0.0
+        low = min(int(np.floor(x)), crop - 1)
+        frac = x - low
+        matrix[i, top + low] += 1 - frac
+        if frac > 0:
+            matrix[i, top + low + 1] += frac
+    return matrix.astype(np.float32)
+
+
+def zoom_blur(key, image, c):
+    """The mean of the image and its centre zoomed by each factor of `c` (the published clipped zoom,
+    bilinear), as separable matrix products."""
+    del key
+    hp = jax.lax.Precision.HIGHEST
+    total = image
+    for zoom in c:
+        rows = jnp.asarray(clipped_zoom_matrix(image.shape[0], float(zoom)))
+        cols = jnp.asarray(clipped_zoom_matrix(image.shape[1], float(zoom)))
+        total = total + jnp.einsum("gh,hwc,vw->gvc", rows, image, cols, precision=hp)
+    return _clip(total / (len(c) + 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Weather.
+
+
+def plasma_fractal(key, mapsize: int, decay: float):
+    """The published diamond-square height map, [mapsize, mapsize] in [0, 1] (mapsize a power of
+    two): at each level every square's centre, then every diamond's, gets the mean of its four
+    corners / 4 plus wibble * U(-wibble, wibble), wibble starting at 100 and divided by `decay` per
+    level. The uniforms of level l's squares and diamonds come from fold_in(key, 3 l + 0, 1, 2)."""
+    assert mapsize & (mapsize - 1) == 0, mapsize
+    heights = jnp.zeros((mapsize, mapsize), jnp.float32)
+    step, wibble, level = mapsize, 100.0, 0
+    while step >= 2:
+        half = step // 2
+
+        def wibbled(total, part, shape):
+            u = jax.random.uniform(jax.random.fold_in(key, 3 * level + part), shape, jnp.float32, -1.0, 1.0)
+            return total / 4 + wibble * wibble * u
+
+        corners = heights[0::step, 0::step]
+        squares = corners + jnp.roll(corners, -1, axis=0)
+        squares = squares + jnp.roll(squares, -1, axis=1)
+        heights = heights.at[half::step, half::step].set(wibbled(squares, 0, squares.shape))
+        centres, corners = heights[half::step, half::step], heights[0::step, 0::step]
+        left = centres + jnp.roll(centres, 1, axis=0) + corners + jnp.roll(corners, -1, axis=1)
+        heights = heights.at[0::step, half::step].set(wibbled(left, 1, left.shape))
+        top = centres + jnp.roll(centres, 1, axis=1) + corners + jnp.roll(corners, -1, axis=0)
+        heights = heights.at[half::step, 0::step].set(wibbled(top, 2, top.shape))
+        step, wibble, level = half, wibble / decay, level + 1
+    heights = heights - heights.min()
+    return heights / heights.max()
+
+
+def fog(key, image, c):
+    """Adds c[0] times a plasma fractal (decay c[1]; the smallest power-of-two map that covers the
+    image, its top-left corner), then rescales by max / (max + c[0]), max the image's largest value."""
+    strength, decay = c
+    height, width = image.shape[:2]
+    mapsize = 1 << max(int(np.ceil(np.log2(max(height, width)))), 1)
+    haze = plasma_fractal(key, mapsize, float(decay))[:height, :width, None]
+    peak = image.max()
+    return _clip((image + strength * haze) * peak / (peak + strength))
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometric.
+
+
+def _reflect_101(index, size: int):
+    """OpenCV's BORDER_REFLECT_101 for integer indices (gfedcb|abcdefgh|gfedcba)."""
+    period = 2 * size - 2
+    index = jnp.abs(index) % max(period, 1)
+    return jnp.where(index >= size, period - index, index)
+
+
+def _reflect(index, size: int):
+    """SciPy's mode 'reflect' (half-sample symmetric) for integer indices (dcba|abcd|dcba)."""
+    index = jnp.where(index < 0, -index - 1, index) % (2 * size)
+    return jnp.where(index >= size, 2 * size - 1 - index, index)
+
+
+def _bilinear(image, rows, cols, border):
+    """`image` sampled at float coordinates [H, W] (row, column), bilinear, indices outside the
+    image mapped by `border`."""
+    height, width = image.shape[:2]
+    r0, c0 = jnp.floor(rows), jnp.floor(cols)
+    fr, fc = (rows - r0)[..., None], (cols - c0)[..., None]
+    r0, c0 = r0.astype(jnp.int32), c0.astype(jnp.int32)
+    r1, c1 = border(r0 + 1, height), border(c0 + 1, width)
+    r0, c0 = border(r0, height), border(c0, width)
+    top = image[r0, c0] * (1 - fc) + image[r0, c1] * fc
+    bottom = image[r1, c0] * (1 - fc) + image[r1, c1] * fc
+    return top * (1 - fr) + bottom * fr
+
+
+@functools.lru_cache(maxsize=None)
+def _reflect_filter_matrix(size: int, sigma: float, truncate: float) -> np.ndarray:
+    """[size, size] matrix of SciPy's `gaussian_filter1d` with mode 'reflect' (identity at sigma 0)."""
+    if sigma <= 0:
+        return np.eye(size, dtype=np.float32)
+    radius = int(truncate * sigma + 0.5)
+    taps = _gaussian_taps(float(sigma), radius)
+    matrix = np.zeros((size, size))
+    for i in range(size):
+        for k, tap in enumerate(taps):
+            j = i + k - radius
+            j = (-j - 1 if j < 0 else j) % (2 * size)
+            matrix[i, 2 * size - 1 - j if j >= size else j] += tap
+    return matrix.astype(np.float32)
+
+
+def elastic_transform(key, image, c):
+    """The published elastic transform: a random affine map of three points around the centre (each
+    moved by U(-c[2], c[2])), applied as OpenCV's `warpAffine` (bilinear, reflect-101 border), then a
+    displacement field of U(-1, 1) noise smoothed by a Gaussian (sigma c[1], truncated at 3 sigma,
+    'reflect' border) times c[0], sampled bilinearly with SciPy's 'reflect' border.
+
+    OpenCV interpolates at coordinates rounded to 1/32 pixel; this op at exact ones (the difference
+    is a fraction of a level on smooth images)."""
+    alpha, sigma, spread = c
+    height, width = image.shape[:2]
+    affine_key, dx_key, dy_key = jax.random.split(key, 3)
+    centre, size = np.float32([height, width]) // 2, min(height, width) // 3
+    source = np.float32([centre + size, [centre[0] + size, centre[1] - size], centre - size])  # (x, y)
+    target = source + jax.random.uniform(affine_key, (3, 2), jnp.float32, -spread, spread)
+    # The affine map taking source to target (OpenCV's getAffineTransform): [x', y'] = A [x, y] + b.
+    solved = jnp.linalg.solve(jnp.asarray(np.concatenate([source, np.ones((3, 1), np.float32)], 1)), target)
+    linear, shift = solved[:2].T, solved[2]
+    ys, xs = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32), indexing="ij")
+    # warpAffine fills each output pixel from the inverse map of its position.
+    back = jnp.einsum("ij,jhw->ihw", jnp.linalg.inv(linear), jnp.stack([xs, ys]) - shift[:, None, None])
+    warped = _bilinear(image, back[1], back[0], _reflect_101)
+    rows = jnp.asarray(_reflect_filter_matrix(height, float(sigma), 3.0))
+    cols = jnp.asarray(_reflect_filter_matrix(width, float(sigma), 3.0))
+    hp = jax.lax.Precision.HIGHEST
+
+    def displacement(k):
+        noise = jax.random.uniform(k, (height, width), jnp.float32, -1.0, 1.0)
+        return jnp.einsum("gh,hw,vw->gv", rows, noise, cols, precision=hp) * alpha
+
+    dx, dy = displacement(dx_key), displacement(dy_key)
+    return _clip(_bilinear(warped, ys + dy, xs + dx, _reflect))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -202,7 +202,8 @@ def test_impulse_noise_replaces_a_fraction_c_half_salt_half_pepper():
     assert np.all((out == 1.0) | (out == 0.0) | np.isclose(out, 128 / 255))
 
 
-@pytest.mark.parametrize("name", ["gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise"])
+@pytest.mark.parametrize("name", ["gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "glass_blur",
+                                  "fog", "elastic_transform"])
 def test_random_ops_depend_on_the_key_only(name):
     image = jnp.asarray(smooth_images(1)[0] / 255.0, jnp.float32)
     c = corruptions.PARAMS["cifar10"][name][2]
@@ -221,6 +222,130 @@ def test_to_uint8_rounds_down_as_the_released_sets_do():
     image = jnp.full((32, 32, 3), 0.5)
     out = corruptions.corrupt(jax.random.key(0), image, "contrast", 1, to_uint8=True)
     assert float(out[0, 0, 0]) == pytest.approx(127 / 255, abs=1e-7)  # 127.5 -> 127
+
+
+def _published_clipped_zoom(image, zoom):
+    """The published helper, with SciPy's order-1 zoom."""
+    size = image.shape[0]
+    crop = int(np.ceil(size / zoom))
+    top = (size - crop) // 2
+    zoomed = scipy.ndimage.zoom(image[top:top + crop, top:top + crop], (zoom, zoom, 1), order=1)
+    trim = (zoomed.shape[0] - size) // 2
+    return zoomed[trim:trim + size, trim:trim + size]
+
+
+@pytest.mark.parametrize("table,size", [("cifar10", 32), ("imagenet", 224)])
+def test_zoom_blur_is_the_published_clipped_zoom_mean(table, size):
+    image = smooth_images(1, size=size)[0] / 255.0
+    for severity, factors in enumerate(corruptions.PARAMS[table]["zoom_blur"], 1):
+        assert len(factors) == len(np.arange(1, factors[-1] + 1e-9, factors[1] - factors[0]))
+        total = image.copy()
+        for zoom in factors:
+            total += _published_clipped_zoom(image, zoom)
+        expected = np.clip(total / (len(factors) + 1), 0, 1)
+        np.testing.assert_allclose(ours("zoom_blur", factors, image[None] * 255.0)[0], expected, atol=1e-6,
+                                   err_msg=f"severity {severity}")
+
+
+def _skimage_gaussian(image, sigma):
+    return scipy.ndimage.gaussian_filter(image, sigma=(sigma, sigma, 0), mode="nearest", truncate=4.0)
+
+
+@pytest.mark.parametrize("severity", [1, 3, 5])
+def test_glass_blur_is_the_published_shuffle_with_the_same_offsets(severity):
+    sigma, delta, passes = c = corruptions.PARAMS["cifar10"]["glass_blur"][severity - 1]
+    image = smooth_images(1)[0]
+    key = jax.random.key(7)
+    # The published loop, as its NumPy code runs (the tuple assignment through views), with the offsets
+    # drawn from the same random numbers as the op (it draws them all at once, in loop order).
+    count = passes * (32 - 2 * delta) ** 2
+    offsets = np.asarray(jax.random.randint(key, (count, 2), -delta, delta))
+    x = np.uint8(_skimage_gaussian(image / 255.0, sigma) * 255)
+    i = 0
+    for _ in range(passes):
+        for h in range(32 - delta, delta, -1):
+            for w in range(32 - delta, delta, -1):
+                dx, dy = offsets[i]
+                i += 1
+                h_prime, w_prime = h + dy, w + dx
+                x[h, w], x[h_prime, w_prime] = x[h_prime, w_prime], x[h, w]
+    expected = np.clip(_skimage_gaussian(x / 255.0, sigma), 0, 1)
+    got = np.asarray(corruptions.glass_blur(key, jnp.asarray(image / 255.0, jnp.float32), c))
+    # One uint8 level apart where the float32 blur lands on the other side of a level (rare).
+    assert np.mean(np.abs(got - expected) > 1e-5) < 0.01 and np.abs(got - expected).max() < 1.5 / 255
+
+
+def _published_plasma(key, mapsize, decay):
+    """The published diamond-square (numpy, float64), fed the same uniforms as the op draws."""
+    heights = np.zeros((mapsize, mapsize))
+    step, wibble, level = mapsize, 100.0, 0
+
+    def wibbled(array, part):
+        u = np.asarray(jax.random.uniform(jax.random.fold_in(key, 3 * level + part), array.shape, jnp.float32,
+                                          -1.0, 1.0), np.float64)
+        return array / 4 + wibble * (wibble * u)  # wibble * U(-wibble, wibble)
+
+    while step >= 2:
+        corner = heights[0:mapsize:step, 0:mapsize:step]
+        square = corner + np.roll(corner, shift=-1, axis=0)
+        square += np.roll(square, shift=-1, axis=1)
+        heights[step // 2:mapsize:step, step // 2:mapsize:step] = wibbled(square, 0)
+        dr = heights[step // 2:mapsize:step, step // 2:mapsize:step]
+        ul = heights[0:mapsize:step, 0:mapsize:step]
+        heights[0:mapsize:step, step // 2:mapsize:step] = wibbled(dr + np.roll(dr, 1, axis=0) + ul + np.roll(ul, -1, axis=1), 1)
+        heights[step // 2:mapsize:step, 0:mapsize:step] = wibbled(dr + np.roll(dr, 1, axis=1) + ul + np.roll(ul, -1, axis=0), 2)
+        step //= 2
+        wibble /= decay
+        level += 1
+    heights -= heights.min()
+    return heights / heights.max()
+
+
+@pytest.mark.parametrize("table,size", [("cifar10", 32), ("imagenet", 224)])
+def test_fog_is_the_published_plasma_haze(table, size):
+    image = smooth_images(1, size=size)[0] / 255.0
+    key = jax.random.key(3)
+    for strength, decay in corruptions.PARAMS[table]["fog"][::2]:
+        mapsize = 32 if size == 32 else 256  # the published maps: 32 for CIFAR-10-C, 256 for ImageNet-C
+        haze = _published_plasma(key, mapsize, decay)[:size, :size, None]
+        peak = image.max()
+        expected = np.clip((image + strength * haze) * peak / (peak + strength), 0, 1)
+        got = np.asarray(corruptions.fog(key, jnp.asarray(image, jnp.float32), (strength, decay)))
+        np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("table,size", [("cifar10", 32), ("imagenet", 224)])
+def test_elastic_transform_is_the_published_affine_and_displacement(table, size):
+    """OpenCV's getAffineTransform and warpAffine (reflect-101) written with NumPy and SciPy's
+    affine_transform (mode 'mirror' is reflect-101), then SciPy's gaussian and map_coordinates as
+    published, from the same random numbers as the op (three keys split from its key: affine,
+    dx, dy). OpenCV itself would round coordinates to 1/32 pixel (not reproduced by either)."""
+    image = smooth_images(1, size=size)[0] / 255.0
+    key = jax.random.key(5)
+    for alpha, sigma, spread in corruptions.PARAMS[table]["elastic_transform"][::2]:
+        affine_key, dx_key, dy_key = jax.random.split(key, 3)
+        centre, third = np.float32([size, size]) // 2, size // 3
+        source = np.float32([centre + third, [centre[0] + third, centre[1] - third], centre - third])
+        target = source + np.asarray(jax.random.uniform(affine_key, (3, 2), jnp.float32, -spread, spread))
+        affine = np.linalg.solve(np.c_[source, np.ones(3)].astype(np.float64), target.astype(np.float64)).T
+        inverse = np.linalg.inv(affine[:, :2])
+        swap = np.array([[0, 1], [1, 0]])  # (x, y) <-> (row, column)
+        warped = np.stack([scipy.ndimage.affine_transform(image[..., k], swap @ inverse @ swap,
+                                                          offset=-(swap @ inverse @ affine[:, 2]), order=1,
+                                                          mode="mirror") for k in range(3)], -1)
+
+        def displacement(k):
+            noise = np.asarray(jax.random.uniform(k, (size, size), jnp.float32, -1.0, 1.0), np.float64)
+            return scipy.ndimage.gaussian_filter(noise, sigma, mode="reflect", truncate=3) * alpha
+
+        dx, dy = displacement(dx_key)[..., None], displacement(dy_key)[..., None]
+        x, y, z = np.meshgrid(np.arange(size), np.arange(size), np.arange(3))
+        indices = np.reshape(y + dy, (-1, 1)), np.reshape(x + dx, (-1, 1)), np.reshape(z, (-1, 1))
+        expected = np.clip(scipy.ndimage.map_coordinates(warped, indices, order=1, mode="reflect").reshape(
+            image.shape), 0, 1)
+        got = np.asarray(corruptions.elastic_transform(key, jnp.asarray(image, jnp.float32), (alpha, sigma, spread)))
+        np.testing.assert_allclose(got, expected, atol=2e-5)
+        assert np.abs(got - image).mean() > 1e-3  # it did move the pixels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +374,7 @@ def test_conditions_name_every_corruption_and_severity():
     condition = conditions.EvalCondition.parse("jpeg_compression_3")
     assert (condition.kind, condition.corruption, condition.severity) == ("corruption", "jpeg_compression", 3)
     suite = conditions.expand(["clean", conditions.SUITE])
-    assert suite[0] == "clean" and len(suite) == 1 + 11 * 5 and "saturate_5" in suite
+    assert suite[0] == "clean" and len(suite) == 1 + 15 * 5 and "saturate_5" in suite and "fog_5" in suite
 
 
 def test_eval_perturbation_applies_the_corruption_as_uint8(synthetic_config):
@@ -288,12 +413,15 @@ def test_results_hold_the_suite_mean_and_a_table_per_corruption_and_severity(tmp
 
     from pivot_jax import results
 
-    accuracy = {"clean": 0.9, **{name: 0.5 + 0.01 * i for i, name in enumerate(conditions.suite_names())}}
+    names = conditions.suite_names()
+    accuracy = {"clean": 0.9, **{name: 0.3 + 0.005 * i for i, name in enumerate(names)}}
     results.write_results(tmp_path, 10, accuracy, 100, "default box")
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["corruptions_mean"] == pytest.approx(np.mean([0.5 + 0.01 * i for i in range(55)]))
+    assert saved["corruptions_mean"] == pytest.approx(np.mean([0.3 + 0.005 * i for i in range(len(names))]))
     text = (tmp_path / "results.md").read_text()
-    assert "| jpeg_compression | 85.00 | 86.00 | 87.00 | 88.00 | 89.00 | 87.00 |" in text
+    first = names.index("jpeg_compression_1")  # 0.3 + 0.005 * (first .. first + 4)
+    cells = " | ".join(f"{100 * (0.3 + 0.005 * (first + s)):.2f}" for s in range(5))
+    assert f"| jpeg_compression | {cells} | {100 * (0.3 + 0.005 * (first + 2)):.2f} |" in text
     del accuracy["saturate_5"]  # an incomplete suite has no mean
     results.write_results(tmp_path, 11, accuracy, 100, "default box")
     assert "corruptions_mean" not in json.loads((tmp_path / "results.json").read_text())
@@ -309,15 +437,16 @@ def test_mce_is_relative_to_alexnet_and_only_with_imagenet_c_parameters(tmp_path
                 for s in conditions.SEVERITIES}
     assert conditions.mean_corruption_error(accuracy) == pytest.approx(1.0)
     assert conditions.MCE_CORRUPTIONS == ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur",
-                                          "pixelate", "jpeg_compression", "contrast", "brightness")
-    # Half AlexNet's error on pixelate alone: its CE is 0.5, the mean over the 8 falls by 0.5 / 8.
+                                          "glass_blur", "zoom_blur", "fog", "elastic_transform", "pixelate",
+                                          "jpeg_compression", "contrast", "brightness")
+    # Half AlexNet's error on pixelate alone: its CE is 0.5, the mean over the 12 falls by 0.5 / 12.
     accuracy.update({f"pixelate_{s}": 1 - conditions.ALEXNET_ERRORS["pixelate"] / 2 for s in conditions.SEVERITIES})
-    assert conditions.mean_corruption_error(accuracy) == pytest.approx(1 - 0.5 / 8)
+    assert conditions.mean_corruption_error(accuracy) == pytest.approx(1 - 0.5 / 12)
 
     results.write_results(tmp_path, 10, accuracy, 100, "default box", "imagenet")
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["mce"] == pytest.approx(1 - 0.5 / 8) and len(saved["mce_corruptions"]) == 8
-    assert "mCE (corruption error relative to AlexNet, ImageNet-C) over the 8 of its 15" in (
+    assert saved["mce"] == pytest.approx(1 - 0.5 / 12) and len(saved["mce_corruptions"]) == 12
+    assert "mCE (corruption error relative to AlexNet, ImageNet-C) over the 12 of its 15" in (
         tmp_path / "results.md").read_text()
     results.write_results(tmp_path, 11, accuracy, 100, "default box", "cifar10")  # no AlexNet baseline there
     assert "mce" not in json.loads((tmp_path / "results.json").read_text())
