@@ -2,7 +2,7 @@
 
     python benchmarks/corruptions.py [--images N] [--cifar-folder DIR] [--json FILE] [--workdir RUN]
 
-Both produce every corruption at every severity (15 x 5) for N 32x32 RGB images (default: the 10,000
+Both produce every corruption at every severity (17 x 5) for N 32x32 RGB images (default: the 10,000
 of the CIFAR-10 test split when --cifar-folder is given, else random smooth images), stored as uint8.
 The host reference is what a user runs without pivot_jax: NumPy, SciPy and Pillow per image, one
 process, the published formulas (Pillow for pixelate and JPEG, SciPy's filters for the blurs,
@@ -100,6 +100,21 @@ def reference(name: str, c, image: np.ndarray, rng: np.random.Generator) -> np.n
             trim = (zoomed.shape[0] - 32) // 2
             total += zoomed[trim:trim + 32, trim:trim + 32]
         x = total / (len(c) + 1)
+    elif name == "motion_blur":
+        return np.uint8(motion_blur(image.astype(float), c[0], c[1], rng.uniform(-45, 45)))
+    elif name == "snow":
+        mean, spread, zoom, threshold, radius, sigma, keep = c
+        layer = rng.normal(size=(32, 32), loc=mean, scale=spread)[..., None]
+        crop = int(np.ceil(32 / zoom))
+        top = (32 - crop) // 2
+        layer = scipy.ndimage.zoom(layer[top:top + crop, top:top + crop], (zoom, zoom, 1), order=1)
+        trim = (layer.shape[0] - 32) // 2
+        layer = layer[trim:trim + 32, trim:trim + 32]
+        layer[layer < threshold] = 0
+        layer = np.uint8(np.clip(layer, 0, 1) * 255).astype(float)
+        layer = motion_blur(layer, radius, sigma, rng.uniform(-135, -45)) / 255.0
+        grey = (x @ np.array([0.299, 0.587, 0.114]))[..., None]
+        x = keep * x + (1 - keep) * np.maximum(x, grey * 1.5 + 0.5) + layer + np.rot90(layer, k=2)
     elif name == "fog":
         peak = x.max()
         x = (x + c[0] * plasma(32, c[1], rng)[..., None]) * peak / (peak + c[0])
@@ -125,6 +140,19 @@ def reference(name: str, c, image: np.ndarray, rng: np.random.Generator) -> np.n
             hsv[..., 1] = np.clip(hsv[..., 1] * c[0] + c[1], 0, 1)
         x = hsv_to_rgb(hsv)
     return np.uint8(np.clip(x, 0, 1) * 255)
+
+
+def motion_blur(image: np.ndarray, radius: float, sigma: float, angle: float) -> np.ndarray:
+    """ImageMagick 6's MotionBlurImage (what the published scripts call through Wand), in NumPy."""
+    taps = np.arange(int(2 * np.ceil(radius) + 1))
+    weights = np.exp(-(taps**2) / (2.0 * sigma**2))
+    weights /= weights.sum()
+    total = np.zeros(image.shape)
+    for i, weight in zip(taps, weights):
+        columns = np.clip(np.arange(image.shape[1]) + int(np.ceil(i * np.cos(np.deg2rad(angle)) - 0.5)), 0, 31)
+        rows = np.clip(np.arange(image.shape[0]) + int(np.ceil(i * np.sin(np.deg2rad(angle)) - 0.5)), 0, 31)
+        total += weight * image[rows][:, columns]
+    return np.floor(total + 2e-3)
 
 
 def plasma(mapsize: int, decay: float, rng: np.random.Generator) -> np.ndarray:

@@ -15,8 +15,8 @@ import re
 METHODS = ("nearest", "bicubic")
 # The common-corruption suite (Hendrycks & Dietterich 2019) that pivot_jax.corruptions implements.
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "gaussian_blur", "defocus_blur",
-               "glass_blur", "zoom_blur", "fog", "elastic_transform", "pixelate", "jpeg_compression", "contrast",
-               "brightness", "saturate")
+               "glass_blur", "motion_blur", "zoom_blur", "snow", "fog", "elastic_transform", "pixelate",
+               "jpeg_compression", "contrast", "brightness", "saturate")
 SEVERITIES = (1, 2, 3, 4, 5)
 # AlexNet's top-1 error on ImageNet-C per corruption, averaged over the five severities: the baseline of
 # the corruption error CE and its mean, mCE (Hendrycks & Dietterich 2019; google-research/augmix).
@@ -26,7 +26,7 @@ ALEXNET_ERRORS = {
     "fog": .819324, "brightness": .564592, "contrast": .853204, "elastic_transform": .646056,
     "pixelate": .717840, "jpeg_compression": .606500,
 }
-# The ImageNet-C corruptions implemented here, over which mCE is taken (12 of its 15).
+# The ImageNet-C corruptions implemented here, over which mCE is taken (14 of its 15).
 MCE_CORRUPTIONS = tuple(name for name in CORRUPTIONS if name in ALEXNET_ERRORS)
 SUITE = "corruptions"  # in config.evals / sweep_evals: every corruption at every severity
 _NAME = re.compile(r"^(?:(clean)|noise_(\d+(?:\.\d+)?)|(lr|mr)(\d+)_(nearest|bicubic)|"
