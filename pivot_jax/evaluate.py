@@ -108,6 +108,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: i
         table = corruptions.table_for(config.perturb.corruption_table, config.data.image_size)
         out_dir, _ = results.write_results(out_dir, step, accuracy, num_examples, test_split.box_source, table)
         results.plot_sweeps({f"step {step}": [accuracy]}, out_dir / "sweeps.png")
+        results.plot_corruptions({f"step {step}": [accuracy]}, out_dir / "corruptions.png")
     return {"step": step, "accuracy": accuracy, "num_examples": num_examples, "dir": str(out_dir)}
 
 

@@ -7,7 +7,8 @@ stopped on a non-finite loss (`diverged.txt`, written by experiments/paper_table
 shows. With several seeds a cell is their mean ± sample standard deviation, and a second table lists
 every seed. Each pivot row is compared with the mixed row of the same perturbation over the seeds
 that both have: the mean paired difference, its 95% interval (Student's t) and a verdict. Writes
-`report.md` and `sweeps.png` (every run's sweep curves, a band over seeds) into `--out`.
+`report.md`, `sweeps.png` (every run's sweep curves, a band over seeds) and, for runs evaluated on
+the whole common-corruption suite, `corruptions.png` (accuracy per corruption and severity) into `--out`.
 """
 
 from __future__ import annotations
@@ -207,6 +208,7 @@ def write_report(run_dirs: list[str], out_dir, columns: list[str] | None = None,
             curves[run["row"]].append(run["results"]["accuracy"])
     labelled = {f"{row} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})": seeds for row, seeds in curves.items()}
     results.plot_sweeps(labelled, out_dir / "sweeps.png")
+    results.plot_corruptions(labelled, out_dir / "corruptions.png")  # the runs evaluated on the whole suite
     return text
 
 

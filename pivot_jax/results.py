@@ -155,3 +155,48 @@ def plot_sweeps(curves: dict[str, list[dict[str, float]]], path) -> None:
     figure.savefig(temporary, dpi=110)
     plt.close(figure)
     temporary.replace(path)
+
+
+def plot_corruptions(curves: dict[str, list[dict[str, float]]], path) -> bool:
+    """Accuracy against severity, one panel per corruption, for each row in `curves` ({label: [{eval
+    name: accuracy}, one per seed]}) that has the whole suite: the mean over seeds, a band from the
+    lowest to the highest seed, the clean accuracy at severity 0. Returns whether anything was drawn."""
+    complete = {label: seeds for label, seeds in curves.items()
+                if seeds and all(conditions.suite_mean(accuracy) is not None for accuracy in seeds)}
+    if not complete:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = 6
+    rows = -(-len(conditions.CORRUPTIONS) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.3 * rows), sharex=True, sharey=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    severities = [0, *conditions.SEVERITIES]
+    for axis, name in zip(axes.flat, conditions.CORRUPTIONS):
+        for index, (label, seeds) in enumerate(complete.items()):
+            values = np.array([[100 * accuracy.get("clean", np.nan)]
+                               + [100 * accuracy[f"{name}_{s}"] for s in conditions.SEVERITIES] for accuracy in seeds])
+            colour = colours[index % len(colours)]
+            axis.plot(severities, values.mean(0), "o-", color=colour, markersize=3, label=label)
+            if len(values) > 1:
+                axis.fill_between(severities, values.min(0), values.max(0), color=colour, alpha=0.2)
+        axis.set_title(name, fontsize=9)
+        axis.grid(alpha=0.3)
+        axis.set_ylim(0, 100)
+    for axis in axes.flat[len(conditions.CORRUPTIONS):]:
+        axis.axis("off")
+    for axis in axes[:, 0]:
+        axis.set_ylabel("accuracy (%)")
+    for axis in axes[-1]:
+        axis.set_xlabel("severity (0: clean)")
+    axes.flat[0].legend(fontsize=6)
+    figure.tight_layout()
+    path = epath.Path(path)
+    temporary = path.parent / f".{path.name}.tmp-{os.getpid()}.png"
+    figure.savefig(temporary, dpi=100)
+    plt.close(figure)
+    temporary.replace(path)
+    return True

@@ -487,7 +487,7 @@ def test_training_draws_a_corruption_and_severity_per_image(synthetic_config):
     assert mixture.kinds == ("corruptions",)
 
 
-def test_results_hold_the_suite_mean_and_a_table_per_corruption_and_severity(tmp_path):
+def test_results_hold_the_suite_mean_a_table_and_a_plot_per_corruption_and_severity(tmp_path):
     import json
 
     from pivot_jax import results
@@ -501,9 +501,15 @@ def test_results_hold_the_suite_mean_and_a_table_per_corruption_and_severity(tmp
     first = names.index("jpeg_compression_1")  # 0.3 + 0.005 * (first .. first + 4)
     cells = " | ".join(f"{100 * (0.3 + 0.005 * (first + s)):.2f}" for s in range(5))
     assert f"| jpeg_compression | {cells} | {100 * (0.3 + 0.005 * (first + 2)):.2f} |" in text
-    del accuracy["saturate_5"]  # an incomplete suite has no mean
+    # One panel per corruption: two runs, the second with two seeds (a band).
+    other = {name: value - 0.1 for name, value in accuracy.items()}
+    assert results.plot_corruptions({"a": [accuracy], "b": [other, accuracy]}, tmp_path / "corruptions.png")
+    assert (tmp_path / "corruptions.png").stat().st_size > 20_000
+    del accuracy["saturate_5"]  # an incomplete suite has no mean, and no plot
     results.write_results(tmp_path, 11, accuracy, 100, "default box")
     assert "corruptions_mean" not in json.loads((tmp_path / "results.json").read_text())
+    assert not results.plot_corruptions({"a": [accuracy]}, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
 
 
 def test_mce_is_relative_to_alexnet_and_only_with_imagenet_c_parameters(tmp_path):

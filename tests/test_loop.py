@@ -174,7 +174,7 @@ def test_the_benchmark_runs_the_training_step(monkeypatch):
     monkeypatch.setattr(train_step, "build", recording_build)
     args = benchmark.argparse.Namespace(num_processes=1, dataset="cifar10", mode="pivot", perturb="noise",
                                         batch=16, dtype="float32", image_size=0, steps=2, conv="auto",
-                                        model="")
+                                        model="", malloc="system")
     figures = benchmark.worker_step(args)
     # The step it times, and the same step with XLA's convolutions for counting FLOPs.
     (config, step_fns), = [(c, s) for c, s in built if c.model.conv == args.conv]
