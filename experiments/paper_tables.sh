@@ -93,11 +93,15 @@ done
 
 out="${root}/${dataset}_${steps}"
 cd "$repo"
-if compgen -G "${out}/noise_*_seed*" > /dev/null; then
-  python -m pivot_jax.report "${out}"/clean_seed*/ "${out}"/noise_*_seed*/ --out="${out}/report_noise" \
+# The rows that finished (evaluated) or diverged; a row still to run or cut short is left out.
+finished() { for d in "$@"; do if [[ -f "${d}eval/results.json" || -f "${d}diverged.txt" ]]; then echo "$d"; fi; done; }
+mapfile -t noise_runs < <(finished "${out}"/clean_seed*/ "${out}"/noise_*_seed*/)
+mapfile -t lr_runs < <(finished "${out}"/clean_seed*/ "${out}"/lr_*_seed*/)
+if (( ${#noise_runs[@]} )); then
+  python -m pivot_jax.report "${noise_runs[@]}" --out="${out}/report_noise" \
     --columns=clean,noise_0.05,noise_0.15 --title="${dataset}, Gaussian noise, ${steps} steps"
 fi
-if compgen -G "${out}/lr_*_seed*" > /dev/null; then
-  python -m pivot_jax.report "${out}"/clean_seed*/ "${out}"/lr_*_seed*/ --out="${out}/report_lr" \
+if (( ${#lr_runs[@]} )); then
+  python -m pivot_jax.report "${lr_runs[@]}" --out="${out}/report_lr" \
     --columns=clean,lr4_nearest,lr4_bicubic --title="${dataset}, low resolution x4, ${steps} steps"
 fi
