@@ -45,7 +45,7 @@ def configure_cpu_defaults() -> None:
     devices = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
     if devices and int(devices.group(1)) > 1:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(devices.group(1)))))
-    if _cpu_is_the_backend():
+    if _cpu_is_the_backend() and os.environ.get("PIVOT_JAX_KEEP_FREED_MEMORY", "1") != "0":
         keep_freed_memory()
 
 
@@ -71,7 +71,10 @@ def keep_freed_memory() -> bool:
     Without this every XLA:CPU execution maps its temporaries anew and faults every page of them in
     (threads other than the main one allocate from their own arenas, which map any block past 64 MB
     however M_MMAP_MAX is set, hence the single arena). The cost is that the process keeps its peak
-    memory (about 2 GB instead of 1 GB for a ResNet-20 step at batch 128). Returns whether it was
+    memory (about 2 GB instead of 1 GB for a ResNet-20 step at batch 128), and that with one arena
+    XLA's multi-threaded compilation takes about 5 s longer at start-up: a ResNet-20 step saves ~70 ms,
+    so a run of more than ~100 steps gains (`PIVOT_JAX_KEEP_FREED_MEMORY=0` turns it off; the test
+    suite, which starts ~100 short runs, does). Returns whether it was
     applied: not where the C library is not glibc, nor when the user tunes glibc's malloc already
     (GLIBC_TUNABLES with malloc settings, or MALLOC_*_ variables), which wins.
     """

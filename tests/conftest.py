@@ -37,6 +37,9 @@ def pytest_configure(config):
     """One persistent compilation cache for the whole session: the xdist workers and every training
     process the tests start inherit it, so a program compiled once (the smoke train step, its
     evaluation) is loaded by the other tests instead of compiled again. A cache the user set is kept."""
+    # The suite's ~100 short training processes would each pay glibc's one-arena start-up cost (about
+    # 5 s of compilation) for no gain (runtime.keep_freed_memory); tests that check it turn it on.
+    os.environ.setdefault("PIVOT_JAX_KEEP_FREED_MEMORY", "0")
     if os.environ.get("PYTEST_XDIST_WORKER") or os.environ.get(_CACHE_ENV):
         return
     config._pivot_jax_cache = tempfile.mkdtemp(prefix="pivot_jax_test_xla_cache_")
