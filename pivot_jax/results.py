@@ -149,10 +149,17 @@ def plot_sweeps(curves: dict[str, list[dict[str, float]]], path) -> None:
         axis.grid(alpha=0.3)
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=7)
+    _save_figure(figure, path, dpi=110)
+
+
+def _save_figure(figure, path, dpi: int) -> None:
+    """Writes the figure whole or not at all (a temporary file, then a rename), and closes it."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     path = epath.Path(path)
     temporary = path.parent / f".{path.name}.tmp-{os.getpid()}.png"
-    figure.savefig(temporary, dpi=110)
+    figure.savefig(temporary, dpi=dpi)
     plt.close(figure)
     temporary.replace(path)
 
@@ -193,10 +200,5 @@ def plot_corruptions(curves: dict[str, list[dict[str, float]]], path) -> bool:
     for axis in axes[-1]:
         axis.set_xlabel("severity (0: clean)")
     axes.flat[0].legend(fontsize=6)
-    figure.tight_layout()
-    path = epath.Path(path)
-    temporary = path.parent / f".{path.name}.tmp-{os.getpid()}.png"
-    figure.savefig(temporary, dpi=100)
-    plt.close(figure)
-    temporary.replace(path)
+    _save_figure(figure, path, dpi=100)
     return True
