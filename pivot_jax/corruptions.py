@@ -252,16 +252,20 @@ def clipped_zoom_matrix(size: int, zoom: float) -> np.ndarray:
     return matrix.astype(np.float32)
 
 
+def _clipped_zoom(image, zoom: float):
+    """The published `clipped_zoom` of an HWC image, as separable matrix products."""
+    rows = jnp.asarray(clipped_zoom_matrix(image.shape[0], float(zoom)))
+    cols = jnp.asarray(clipped_zoom_matrix(image.shape[1], float(zoom)))
+    return jnp.einsum("gh,hwc,vw->gvc", rows, image, cols, precision=jax.lax.Precision.HIGHEST)
+
+
 def zoom_blur(key, image, c):
     """The mean of the image and its centre zoomed by each factor of `c` (the published clipped zoom,
-    bilinear), as separable matrix products."""
+    bilinear)."""
     del key
-    hp = jax.lax.Precision.HIGHEST
     total = image
     for zoom in c:
-        rows = jnp.asarray(clipped_zoom_matrix(image.shape[0], float(zoom)))
-        cols = jnp.asarray(clipped_zoom_matrix(image.shape[1], float(zoom)))
-        total = total + jnp.einsum("gh,hwc,vw->gvc", rows, image, cols, precision=hp)
+        total = total + _clipped_zoom(image, zoom)
     return _clip(total / (len(c) + 1))
 
 
@@ -307,19 +311,14 @@ def snow(key, image, c):
     mean, spread, zoom, threshold, radius, sigma, keep = c
     layer_key, angle_key = jax.random.split(key)
     height, width = image.shape[:2]
-    layer = mean + spread * jax.random.normal(layer_key, (height, width), jnp.float32)
-    rows = jnp.asarray(clipped_zoom_matrix(height, float(zoom)))
-    cols = jnp.asarray(clipped_zoom_matrix(width, float(zoom)))
-    layer = jnp.einsum("gh,hw,vw->gv", rows, layer, cols, precision=jax.lax.Precision.HIGHEST)
+    layer = _clipped_zoom(mean + spread * jax.random.normal(layer_key, (height, width, 1), jnp.float32), zoom)
     layer = jnp.floor(_clip(jnp.where(layer < threshold, 0.0, layer)) * 255.0) / 255.0  # the 8-bit "L" image
     angle = jax.random.uniform(angle_key, (), jnp.float32, -135.0, -45.0)
-    layer = _motion_blur(layer[..., None], radius, sigma, angle)
+    layer = _motion_blur(layer, radius, sigma, angle)
     rgb = jnp.repeat(image, 3, -1) if image.shape[-1] == 1 else image
     grey = jnp.sum(rgb * jnp.asarray(LUMA, image.dtype), -1, keepdims=True)
     brightened = keep * image + (1 - keep) * jnp.maximum(image, grey * 1.5 + 0.5)
     return _clip(brightened + layer + jnp.rot90(layer, 2))
-
-
 
 
 def plasma_fractal(key, mapsize: int, decay: float):
