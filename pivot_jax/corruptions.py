@@ -157,14 +157,20 @@ def _per_channel_filter(image, kernel: np.ndarray, pad_mode: str):
 
 
 @functools.lru_cache(maxsize=None)
-def _edge_filter_matrix(size: int, taps: tuple[float, ...]) -> np.ndarray:
-    """[size, size] matrix of a 1-D correlation with `taps` whose border repeats the edge sample
-    (scipy's mode 'nearest'): out = M @ x."""
+def _filter_matrix(size: int, taps: tuple[float, ...], border: str = "nearest") -> np.ndarray:
+    """[size, size] matrix of a 1-D correlation with `taps`, out = M @ x, whose border follows
+    SciPy's mode `border`: 'nearest' repeats the edge sample, 'reflect' mirrors (dcba|abcd|dcba)."""
     radius = len(taps) // 2
     matrix = np.zeros((size, size))
     for i in range(size):
         for k, tap in enumerate(taps):
-            matrix[i, min(max(i + k - radius, 0), size - 1)] += tap
+            j = i + k - radius
+            if border == "nearest":
+                j = min(max(j, 0), size - 1)
+            else:
+                j = (-j - 1 if j < 0 else j) % (2 * size)
+                j = 2 * size - 1 - j if j >= size else j
+            matrix[i, j] += tap
     return matrix.astype(np.float32)
 
 
@@ -179,8 +185,8 @@ def gaussian_blur(key, image, c):
     """scikit-image's `gaussian(sigma=c)`: border 'nearest', kernel truncated at 4 sigma."""
     del key
     taps = tuple(_gaussian_taps(float(c), int(4.0 * c + 0.5)))
-    rows = jnp.asarray(_edge_filter_matrix(image.shape[0], taps))
-    cols = jnp.asarray(_edge_filter_matrix(image.shape[1], taps))
+    rows = jnp.asarray(_filter_matrix(image.shape[0], taps))
+    cols = jnp.asarray(_filter_matrix(image.shape[1], taps))
     hp = jax.lax.Precision.HIGHEST  # separable: one matrix product per axis
     blurred = jnp.einsum("gh,hwc->gwc", rows, jnp.einsum("vw,hwc->hvc", cols, image, precision=hp), precision=hp)
     return _clip(blurred)
@@ -392,20 +398,11 @@ def _bilinear(image, rows, cols, border):
     return top * (1 - fr) + bottom * fr
 
 
-@functools.lru_cache(maxsize=None)
-def _reflect_filter_matrix(size: int, sigma: float, truncate: float) -> np.ndarray:
-    """[size, size] matrix of SciPy's `gaussian_filter1d` with mode 'reflect' (identity at sigma 0)."""
+def _reflect_gaussian_matrix(size: int, sigma: float):
+    """SciPy's `gaussian_filter1d` with mode 'reflect' and truncate 3 as a matrix (identity at sigma 0)."""
     if sigma <= 0:
-        return np.eye(size, dtype=np.float32)
-    radius = int(truncate * sigma + 0.5)
-    taps = _gaussian_taps(float(sigma), radius)
-    matrix = np.zeros((size, size))
-    for i in range(size):
-        for k, tap in enumerate(taps):
-            j = i + k - radius
-            j = (-j - 1 if j < 0 else j) % (2 * size)
-            matrix[i, 2 * size - 1 - j if j >= size else j] += tap
-    return matrix.astype(np.float32)
+        return jnp.eye(size, dtype=jnp.float32)
+    return jnp.asarray(_filter_matrix(size, tuple(_gaussian_taps(float(sigma), int(3.0 * sigma + 0.5))), "reflect"))
 
 
 def elastic_transform(key, image, c):
@@ -429,8 +426,7 @@ def elastic_transform(key, image, c):
     # warpAffine fills each output pixel from the inverse map of its position.
     back = jnp.einsum("ij,jhw->ihw", jnp.linalg.inv(linear), jnp.stack([xs, ys]) - shift[:, None, None])
     warped = _bilinear(image, back[1], back[0], _reflect_101)
-    rows = jnp.asarray(_reflect_filter_matrix(height, float(sigma), 3.0))
-    cols = jnp.asarray(_reflect_filter_matrix(width, float(sigma), 3.0))
+    rows, cols = _reflect_gaussian_matrix(height, float(sigma)), _reflect_gaussian_matrix(width, float(sigma))
     hp = jax.lax.Precision.HIGHEST
 
     def displacement(k):
