@@ -9,17 +9,20 @@ quality 90) into 224 x 224 uint8 training inputs, with the crop window and flip 
 augmentation (`pivot_jax.data.augment.TrainTransform`: area (0.5, 0.8) of the image, aspect in
 [3/4, 4/3]), drawn from the same per-example seeds, in one thread:
 
-- `tfds_decode+pil`: today's path. TFDS's own decoder (PIL here; OpenCV where installed) decodes the
-  whole image, then TrainTransform crops, resizes (PIL bilinear) and flips.
+- `pil`: the path before, training from whole decoded images: PIL decodes the whole image (as TFDS
+  did before OpenCV was a dependency), then crop, PIL's bilinear resize, flip.
 - `pil_draft`: PIL decodes at the smallest DCT scale (1/2, 1/4, 1/8) that keeps the crop at least 224
   pixels, then crops and resizes the same way.
 - `tf_decode_and_crop`: tf.image.decode_and_crop_jpeg (decodes only the crop window's rows and
   columns of blocks), tf.image.resize bilinear, flip; TensorFlow limited to one thread.
 - `simplejpeg_scaled`: simplejpeg (libjpeg-turbo) decodes at the smallest DCT scale keeping the crop
   at least 224, then PIL crops and resizes as above.
+- `pivot_jax`: what training does now (`TrainTransform` on the encoded bytes): the crop drawn from
+  the header's size, OpenCV decodes (at a reduced DCT scale when the crop allows) and resizes the crop
+  (bilinear below a 2x shrink), flip.
 
 All are deterministic functions of (image, seed): resuming at a step gives the same batch. Reported:
-images per second per core (median of the repeats) and the ratio to today's path.
+images per second per core (median of the repeats) and the ratio to the path before (`pil`).
 """
 
 from __future__ import annotations
@@ -86,17 +89,10 @@ def scaled_crop(image: np.ndarray, full: tuple[int, int], window, flip: bool) ->
     return out[:, ::-1] if flip else out
 
 
-@functools.cache
-def tfds_image_feature():
-    import tensorflow_datasets as tfds
-
-    return tfds.features.Image(encoding_format="jpeg")
-
-
-def variant_tfds(data, rng):
+def variant_pil(data, rng):
     from pivot_jax.data import augment
 
-    image = tfds_image_feature().decode_example_np(data)
+    image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     height, width = image.shape[:2]
     top, left, crop_h, crop_w, flip = crop_window(height, width, rng)
     out = augment.resize(image[top: top + crop_h, left: left + crop_w], SIZE)
@@ -132,8 +128,23 @@ def variant_simplejpeg(data, rng):
     return scaled_crop(image, (height, width), (top, left, crop_h, crop_w), flip)
 
 
-VARIANTS = {"tfds_decode+pil": variant_tfds, "pil_draft": variant_pil_draft,
-            "tf_decode_and_crop": variant_tf, "simplejpeg_scaled": variant_simplejpeg}
+@functools.cache
+def train_transform():
+    import ml_collections
+
+    from pivot_jax.data import augment
+
+    return augment.TrainTransform(ml_collections.ConfigDict({"augment": "imagenet", "image_size": SIZE, "channels": 3}))
+
+
+def variant_adopted(data, rng):
+    return train_transform().random_map({"encoded": data, "name": "", "label": 0, "box": np.zeros(4, np.float32)},
+                                        rng)["image"]
+
+
+VARIANTS = {"pil": variant_pil, "pil_draft": variant_pil_draft,
+            "tf_decode_and_crop": variant_tf, "simplejpeg_scaled": variant_simplejpeg,
+            "pivot_jax": variant_adopted}
 
 
 def main():
@@ -163,13 +174,13 @@ def main():
                 fn(data, np.random.default_rng(index))
             times[name].append(time.perf_counter() - start)
     rates = {name: args.images / statistics.median(t) for name, t in times.items()}
-    base = rates["tfds_decode+pil"]
+    base = rates["pil"]
     result = {
         "images": args.images, "repeats": args.repeats,
         "mean_jpeg_kb": round(sum(map(len, jpegs)) / len(jpegs) / 1024, 1),
         "mean_pixels": round(statistics.mean(h * w for h, w in sizes)),
         "images_per_second_per_core": {name: round(rate, 1) for name, rate in rates.items()},
-        "ratio_to_today": {name: round(rate / base, 2) for name, rate in rates.items()},
+        "ratio_to_before": {name: round(rate / base, 2) for name, rate in rates.items()},
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
     }
     print(f"{args.images} JPEGs, mean {result['mean_jpeg_kb']} KB, {result['mean_pixels']:,} pixels; one thread")

@@ -48,6 +48,18 @@ def pytest_configure(config):
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 
+# The files that take longest, longest first (measured with --durations=0). The two xdist workers take
+# whole files in collection order, so the long ones are not left for the end, where one worker would
+# run them while the other idles (xdist's own order, by number of tests, puts them last).
+SLOWEST_FILES = ("test_train.py", "test_distributed.py", "test_use.py", "test_reliability.py", "test_evaluate.py",
+                 "test_imagenet.py", "test_loop.py", "test_onednn.py", "test_corruptions.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: index for index, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
+
 def pytest_unconfigure(config):
     cache = getattr(config, "_pivot_jax_cache", None)
     if cache:

@@ -121,6 +121,58 @@ def test_imagenet_augmentation_output_size():
     assert augment.EvalTransform(config).map(example)["image"].shape == (24, 24, 3)
 
 
+def photo(height, width, image_format="JPEG", seed=0):
+    """Encoded bytes of a smooth colour image with texture (JPEG at quality 90, or PNG)."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, (height // 32 + 2, width // 32 + 2, 3)).astype(np.uint8)
+    image = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), np.float32)
+    image = np.clip(image + rng.normal(0, 10, image.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, image_format, **({"quality": 90} if image_format == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("image_format", ["JPEG", "PNG"])
+def test_imagenet_training_decodes_only_what_its_crop_needs_and_gives_the_same_input(image_format):
+    """An encoded example (an ImageNet split read on access) gives the training input that the decoded
+    image gives, from the same random numbers: pixel for pixel where the decoder cannot shrink the
+    crop (OpenCV's decode equals PIL's), and within a few grey levels where the crop is large enough
+    to decode at 1/2, 1/4 or 1/8 of the size; the box moves the same either way."""
+    config = data_config("imagenet", 24, 3)
+    box = np.asarray([0.2, 0.3, 0.7, 0.9], np.float32)
+    for (height, width), size, exact in (((75, 100), 48, True), ((375, 500), 224, True), ((375, 500), 64, False),
+                                         ((375, 500), 112, False)):
+        config.image_size = size
+        transform = augment.TrainTransform(config)
+        encoded = photo(height, width, image_format)
+        decoded = data.sources.decode_image(encoded, 3)
+        for seed in range(6):
+            from_bytes = transform.random_map({"encoded": encoded, "name": "x.jpg", "label": np.int32(3), "box": box},
+                                              np.random.default_rng(seed))
+            from_pixels = transform.random_map({"image": decoded, "label": np.int32(3), "box": box},
+                                               np.random.default_rng(seed))
+            assert from_bytes["image"].shape == (size, size, 3) and from_bytes["image"].dtype == np.uint8
+            np.testing.assert_array_equal(from_bytes["box"], from_pixels["box"])
+            difference = np.abs(from_bytes["image"].astype(int) - from_pixels["image"])
+            if exact or image_format == "PNG":  # only a JPEG decodes at a reduced scale
+                assert difference.max() == 0, (height, width, size, seed)
+            else:
+                assert difference.mean() < 2.5, (height, width, size, seed, difference.mean())
+
+
+def test_a_training_image_that_cannot_be_decoded_is_named():
+    transform = augment.TrainTransform(data_config("imagenet", 24, 3))
+    truncated = photo(75, 100)[:300]
+    for encoded in (b"not an image", truncated):
+        example = {"encoded": encoded, "name": "train/n01/broken.JPEG", "label": np.int32(0), "box": np.zeros(4, np.float32)}
+        with pytest.raises(data.DataError, match="train/n01/broken.JPEG"):
+            transform.random_map(example, np.random.default_rng(0))
+
+
 def test_mean_matches_numpy():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (50, 4, 4, 3), dtype=np.uint8)

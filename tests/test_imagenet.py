@@ -48,6 +48,37 @@ def test_the_archives_prepare_as_tfds_imagenet2012(imagenet):
     assert heights == {h for h, _ in made["val"].values()}  # each kept at its own size
 
 
+def test_training_reads_a_large_split_encoded_and_decodes_only_its_crops(imagenet, monkeypatch):
+    """A split too large for memory (ImageNet's) is trained on from its encoded JPEGs, each decoded at
+    the smallest DCT scale its crop allows: the same batches, from the same examples, as from the
+    decoded images, up to the decoder's scaling."""
+    data_dir, _, splits = imagenet
+    config = imagenet_config(data_dir)
+    monkeypatch.setattr(data.sources, "CACHE_LIMIT_BYTES", 0)
+    lazy = data.open_split(config.data, "train")
+    assert "encoded" in lazy.train_source[0] and "image" in lazy.source[0]  # evaluation still decodes whole
+
+    def batches(split):
+        iterator = iter(data.train_dataset(split, config.data, 8, seed=0))
+        return [next(iterator) for _ in range(3)]
+
+    from_encoded, from_decoded = batches(lazy), batches(splits["train"])
+    for encoded, decoded in zip(from_encoded, from_decoded):
+        assert encoded["image"].shape == (8, 64, 64, 3)
+        np.testing.assert_array_equal(encoded["label"], decoded["label"])
+        np.testing.assert_array_equal(encoded["box"], decoded["box"])
+        assert np.abs(encoded["image"].astype(int) - decoded["image"]).mean() < 3
+    # A resumed iterator gives the same batches (the crops are drawn from the example's seed).
+    iterator = iter(data.train_dataset(lazy, config.data, 8, seed=0))
+    next(iterator)
+    resumed = iter(data.train_dataset(lazy, config.data, 8, seed=0))
+    resumed.set_state(iterator.get_state())
+    for want in from_encoded[1:]:
+        got = next(resumed)
+        for key in want:
+            np.testing.assert_array_equal(want[key], got[key])
+
+
 def write_boxes(root, made):
     """ILSVRC-style box XML for some images: a train archive of synset folders, a val folder."""
     synset = made["synsets"][0]

@@ -29,7 +29,7 @@ def train_dataset(split: Split, data: ml_collections.ConfigDict, global_batch: i
     """This process's rows of the global training batches, as an infinite, checkpointable dataset."""
     index, per_process = _process_shard(global_batch)
     dataset = (
-        grain.MapDataset.source(split.source)
+        grain.MapDataset.source(split.train_source)
         .shuffle(seed=seed)
         .repeat(None)
         .random_map(TrainTransform(data), seed=seed)

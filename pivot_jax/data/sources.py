@@ -2,14 +2,17 @@
 
 Every example is a dict `{"image": uint8 [H, W, C], "label": int32, "box": float32 [4]}`. Small
 splits (MNIST, CIFAR) are decoded into memory once; larger ones are decoded on access by grain's
-threads. An image folder is laid out as `<root>/<split>/<class>/<image>`: its class list is the
-training split's class folders (hidden ones ignored), and every other split must have exactly those.
+threads, and training reads them still encoded (`{"encoded": bytes, ...}`, `Split.train_source`) so
+that its random crop decodes no more than it keeps (`augment.decode_crop`). An image folder is laid
+out as `<root>/<split>/<class>/<image>`: its class list is the training split's class folders
+(hidden ones ignored), and every other split must have exactly those.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import io
 import os
 import pathlib
@@ -38,6 +41,12 @@ class Split:
     num_classes: int
     box_source: str  # where the MR boxes come from, for reports
     class_names: tuple[str, ...] = ()  # label i is class_names[i]
+    # What training reads: `source`, or for splits decoded on access the same examples still encoded.
+    train_source: Any = None
+
+    def __post_init__(self):
+        if self.train_source is None:
+            self.train_source = self.source
 
 
 class ArraySource(grain.sources.RandomAccessDataSource):
@@ -54,17 +63,22 @@ class ArraySource(grain.sources.RandomAccessDataSource):
 
 
 class LazySource(grain.sources.RandomAccessDataSource):
-    """A split decoded on access (large data sets): `read(i)` -> (uint8 image, label)."""
+    """A split read on access (large data sets): `read(i)` -> (image, label), with the image decoded
+    (uint8) or, with `name_of` (i -> where example i is, for errors), still encoded (key "encoded")."""
 
-    def __init__(self, length: int, read, boxes: np.ndarray):
-        self._length, self._read, self._boxes = length, read, boxes
+    def __init__(self, length: int, read, boxes: np.ndarray, name_of=None):
+        self._length, self._read, self._boxes, self._name_of = length, read, boxes, name_of
 
     def __len__(self) -> int:
         return self._length
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, label = self._read(index)
-        return {"image": image, "label": np.int32(label), "box": self._boxes[index]}
+        if self._name_of is None:
+            return {"image": image, "label": np.int32(label), "box": self._boxes[index]}
+        # The name is for a decoding error's message; the training transform drops it.
+        return {"encoded": image, "name": self._name_of(index), "label": np.int32(label),
+                "box": self._boxes[index]}
 
 
 def decode_image(data: bytes | str | pathlib.Path, channels: int, name: str | None = None) -> np.ndarray:
@@ -78,6 +92,40 @@ def decode_image(data: bytes | str | pathlib.Path, channels: int, name: str | No
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"cannot read the image {name}: {error}") from None
     return array[..., None] if channels == 1 else array
+
+
+@functools.cache
+def opencv():
+    """OpenCV, one thread per call: grain's threads already decode one example each."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    return cv2
+
+
+def encoded_size(encoded: bytes, name: str) -> tuple[int, int, str]:
+    """(height, width, format) from an encoded image's header, without decoding it."""
+    try:
+        with Image.open(io.BytesIO(encoded)) as image:
+            return image.height, image.width, image.format or ""
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"cannot read the image {name}: {error}") from None
+
+
+def decode_reduced(encoded: bytes, channels: int, reduction: int, name: str) -> np.ndarray:
+    """uint8 [H', W', channels]: a JPEG decoded at 1/reduction of its size (libjpeg-turbo's DCT
+    scaling, reduction 1, 2, 4 or 8: rounding up, so H' = ceil(H / reduction)) by OpenCV, whose
+    full-size colour decoding equals PIL's pixel for pixel; other formats, and grey images (OpenCV and
+    PIL compute grey differently), are decoded whole by `decode_image`."""
+    if channels != 3:
+        return decode_image(encoded, channels, name)
+    cv2 = opencv()
+    flags = {1: cv2.IMREAD_COLOR_RGB, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+             8: cv2.IMREAD_REDUCED_COLOR_8}[reduction]
+    image = cv2.imdecode(np.frombuffer(encoded, np.uint8), flags | cv2.IMREAD_IGNORE_ORIENTATION)
+    if image is None:
+        return decode_image(encoded, channels, name)  # PIL reads more formats, or names the error
+    return image if reduction == 1 else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def open_split(data: ml_collections.ConfigDict, split: str, *, use_box_file: bool = False,
@@ -126,15 +174,26 @@ def _open_tfds(data, split, use_box_file) -> Split:
         example = source[index]
         return example["image"], example["label"]
 
+    encoded = dataset.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+
+    def read_encoded(index):
+        example = encoded[index]
+        return example["image"], example["label"]
+
     # Large data sets (ImageNet) have no boxes in TFDS: only the box file or the default.
     ids = [str(i) for i in range(num_examples)]
     if use_box_file and data.box_file and has_names:
-        # Only the names: the images stay encoded.
-        names = dataset.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
-        ids = [names[i]["file_name"].decode() for i in range(num_examples)]
+        ids = [encoded[i]["file_name"].decode() for i in range(num_examples)]  # the images stay encoded
     boxes, box_source = boxes_lib.resolve(ids, [None] * num_examples, data, use_box_file, split)
     return Split(LazySource(num_examples, read, boxes), num_examples, label_feature.num_classes, box_source,
-                 class_names)
+                 class_names, train_source=_encoded_for_training(data, num_examples, read_encoded, boxes,
+                                                                 lambda i: f"{data.name}/{split}[{i}]"))
+
+
+def _encoded_for_training(data, length, read_encoded, boxes, name_of):
+    """The encoded examples that the ImageNet training crop decodes itself (`augment.decode_crop`), or
+    None where training decodes whole images (other augmentations)."""
+    return LazySource(length, read_encoded, boxes, name_of) if data.augment == "imagenet" else None
 
 
 def _stack(images: list[np.ndarray], names: list[str], data) -> np.ndarray:
@@ -200,7 +259,14 @@ def _open_folder(data, split, use_box_file, class_names) -> Split:
             images = list(pool.map(lambda p: decode_image(p, data.channels), files, chunksize=256))
         images = _stack(images, [str(f) for f in files], data)
         return Split(ArraySource(images, labels, boxes), len(files), len(class_names), box_source, class_names)
+    def read_encoded(index):
+        try:
+            return files[index].read_bytes(), labels[index]
+        except OSError as error:
+            raise DataError(f"cannot read the image {files[index]}: {error}") from None
+
     return Split(
         LazySource(len(files), lambda i: (decode_image(files[i], data.channels), labels[i]), boxes),
         len(files), len(class_names), box_source, class_names,
+        train_source=_encoded_for_training(data, len(files), read_encoded, boxes, lambda i: str(files[i])),
     )
