@@ -8,7 +8,8 @@
 #
 # Arguments: the data set (mnist or cifar10), the number of training steps (the learning-rate
 # boundaries scale with it), and the root directory of the runs. SEEDS (default "0") lists seeds;
-# EXTRA_SEEDS (default "1" for cifar10) adds seeds for the mixed and pivot rows of the noise table.
+# EXTRA_SEEDS (default "1" for cifar10) adds seeds for the mixed and pivot rows (both forms) of the
+# noise table.
 # ROWS (default: all) keeps only the named rows, e.g. ROWS=clean for the schedule search
 # (the shortest schedule at which clean-only training reaches its plateau).
 # MNIST comes from TFDS ($TFDS_DATA_DIR); CIFAR-10 from the image folder $CIFAR_FOLDER when it is set.
@@ -87,8 +88,12 @@ for seed in $seeds; do
   done
 done
 for seed in $extra_seeds; do
-  if wanted noise_mixed; then run_row noise_mixed mode=mixed,perturb=noise "" "$seed"; fi
-  if wanted noise_pivot; then run_row noise_pivot mode=pivot,perturb=noise "" "$seed"; fi
+  for row in "${rows[@]}"; do
+    IFS='|' read -r name arg overrides <<< "$row"
+    if [[ "$name" == noise_mixed || "$name" == noise_pivot* ]] && wanted "$name"; then
+      run_row "$name" "$arg" "$overrides" "$seed"
+    fi
+  done
 done
 
 out="${root}/${dataset}_${steps}"
