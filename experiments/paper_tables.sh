@@ -14,6 +14,9 @@
 # (the shortest schedule at which clean-only training reaches its plateau).
 # MNIST comes from TFDS ($TFDS_DATA_DIR); CIFAR-10 from the image folder $CIFAR_FOLDER when it is set.
 # A checkpoint is written every tenth of the schedule, so an interruption costs little.
+# KEEP (a directory, e.g. docs/results) receives each row as soon as it finishes or diverges, without
+# its checkpoints: KEEP/<dataset>_<steps>/<row>_seed<s>/ with config.json, eval/results.json, the sweep
+# plot, the wall time (or diverged.txt), ready to commit; pivot_jax.report reads those directories.
 set -euo pipefail
 dataset="${1:?usage: $0 mnist|cifar10 STEPS RUN_ROOT}"
 steps="${2:?usage: $0 mnist|cifar10 STEPS RUN_ROOT}"
@@ -22,6 +25,7 @@ seeds="${SEEDS:-0}"
 if [[ "$dataset" == cifar10 ]]; then extra_seeds="${EXTRA_SEEDS:-1}"; else extra_seeds="${EXTRA_SEEDS:-}"; fi
 checkpoint_every=$(( (steps + 9) / 10 ))
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -n "${KEEP:-}" ]]; then KEEP="$(mkdir -p "$KEEP" && cd "$KEEP" && pwd)"; fi
 data=()
 if [[ "$dataset" == cifar10 && -n "${CIFAR_FOLDER:-}" ]]; then
   data=(--config.data.name=folder "--config.data.folder=${CIFAR_FOLDER}")
@@ -41,6 +45,20 @@ rows=(
   "lr_pivot|mode=pivot,perturb=lr|"
   "lr_pivot_symmetric|mode=pivot,perturb=lr|--config.loss.symmetric=True"
 )
+
+# Copies a finished or diverged row's small files (never checkpoints) to $KEEP.
+keep_row() {
+  local workdir="$1" name="$2" seed="$3"
+  [[ -n "${KEEP:-}" ]] || return 0
+  local kept="${KEEP}/${dataset}_${steps}/${name}_seed${seed}"
+  mkdir -p "$kept"
+  cp "${workdir}/config.json" "${kept}/"
+  local file
+  for file in diverged.txt eval/results.json eval/sweeps.png eval/corruptions.png eval/wall_seconds_last_session.txt; do
+    if [[ -f "${workdir}/${file}" ]]; then mkdir -p "$(dirname "${kept}/${file}")" && cp "${workdir}/${file}" "${kept}/${file}"; fi
+  done
+  echo "== ${name} seed ${seed}: kept in ${kept}"
+}
 
 # Trains and evaluates one row. A run that stops on a non-finite loss or gradient is recorded as
 # diverged (DIR/diverged.txt holds the error line) and not run again; the other rows go on.
@@ -67,6 +85,7 @@ run_row() {
     if grep -q "non-finite" "$log"; then
       grep "non-finite" "$log" | tail -1 > "${workdir}/diverged.txt"
       echo "== ${name} seed ${seed}: $(date -u +%FT%TZ) diverged after $((SECONDS - start)) s"
+      keep_row "$workdir" "$name" "$seed"
       return
     fi
     echo "== ${name} seed ${seed}: training failed (see ${log})"
@@ -77,6 +96,7 @@ run_row() {
       "--config.num_train_steps=${steps}" "--config.seed=${seed}" "${data[@]+"${data[@]}"}" $overrides)
   echo "$((SECONDS - start))" > "${workdir}/eval/wall_seconds_last_session.txt"
   echo "== ${name} seed ${seed}: $(date -u +%FT%TZ) done in $((SECONDS - start)) s"
+  keep_row "$workdir" "$name" "$seed"
 }
 
 wanted() { [[ -z "${ROWS:-}" || " ${ROWS} " == *" $1 "* ]]; }
