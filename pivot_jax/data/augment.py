@@ -93,30 +93,27 @@ class TrainTransform(grain.transforms.RandomMap):
         self.augment, self.size, self.channels = data.augment, data.image_size, data.channels
 
     def random_map(self, example: dict, rng: np.random.Generator) -> dict:
-        box = example["box"]
-        if "encoded" in example:  # read on access (ImageNet): decode only what the crop keeps
-            if self.augment != "imagenet":
-                raise ValueError(f"encoded training examples need augment='imagenet', not {self.augment!r}")
-            height, width, image_format = sources.encoded_size(example["encoded"], example["name"])
-            window = random_area_crop(height, width, rng)
-            image = decode_crop(example["encoded"], window, (height, width), image_format == "JPEG", self.size,
-                                self.channels, example["name"])
-            box = _crop_box(box, *window, height, width)
-        elif self.augment == "cifar":  # zero-pad to size + 8, random size x size crop, flip
-            image = example["image"]
+        image, box, encoded = example.get("image"), example["box"], example.get("encoded")
+        if encoded is not None and self.augment != "imagenet":
+            raise ValueError(f"encoded training examples need augment='imagenet', not {self.augment!r}")
+        if self.augment == "cifar":  # zero-pad to size + 8, random size x size crop, flip
             height, width = image.shape[:2]
             padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
             top, left = rng.integers(0, 9, size=2)
             image = padded[top : top + height, left : left + width]
             box = _crop_box(box, top - 4, left - 4, height, width, height, width)
         elif self.augment == "imagenet":  # random crop of area (0.5, 0.8), resize, flip
-            image = example["image"]
-            height, width = image.shape[:2]
+            if encoded is not None:  # read on access (ImageNet): decode only what the crop keeps
+                height, width, image_format = sources.encoded_size(encoded, example["name"])
+            else:
+                height, width = image.shape[:2]
             window = random_area_crop(height, width, rng)
-            image = crop_and_resize(image, window, self.size)
+            if encoded is not None:
+                image = decode_crop(encoded, window, (height, width), image_format == "JPEG", self.size,
+                                    self.channels, example["name"])
+            else:
+                image = crop_and_resize(image, window, self.size)
             box = _crop_box(box, *window, height, width)
-        else:
-            image = example["image"]
         if self.augment != "none" and rng.random() < 0.5:
             image, box = image[:, ::-1], _flip_box(box)
         return {"image": np.ascontiguousarray(image), "label": example["label"], "box": box}
