@@ -1,12 +1,14 @@
 """The common-corruption suite on the device against a reference pipeline on the host.
 
-    python benchmarks/corruptions.py [--images N] [--cifar-folder DIR] [--json FILE] [--workdir RUN]
+    python benchmarks/corruptions.py [--images N] [--cifar-folder DIR] [--frost-photos DIR] [--json FILE]
+        [--workdir RUN]
 
-Both produce every corruption at every severity (17 x 5) for N 32x32 RGB images (default: the 10,000
-of the CIFAR-10 test split when --cifar-folder is given, else random smooth images), stored as uint8.
-The host reference is what a user runs without pivot_jax: NumPy, SciPy and Pillow per image, one
-process, the published formulas (Pillow for pixelate and JPEG, SciPy's filters for the blurs,
-Matplotlib's vectorised HSV conversion). The device side is `pivot_jax.corruptions` under
+Both produce every corruption at every severity (17 x 5, and frost with --frost-photos: 18 x 5) for N
+32x32 RGB images (default: the 10,000 of the CIFAR-10 test split when --cifar-folder is given, else
+random smooth images), stored as uint8. The host reference is what a user runs without pivot_jax:
+NumPy, SciPy and Pillow per image, one process, the published formulas (Pillow for pixelate and JPEG,
+SciPy's filters for the blurs, Matplotlib's vectorised HSV conversion, OpenCV reading and resizing a
+frost photograph per image as the published script does). The device side is `pivot_jax.corruptions` under
 jit(vmap) over batches of 1,000, compiled before timing. Each side is timed once over the whole suite
 (the reference is too slow to repeat), after a warm-up on one batch.
 
@@ -27,6 +29,7 @@ import numpy as np
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--images", type=int, default=10_000)
 parser.add_argument("--cifar-folder", default=None)
+parser.add_argument("--frost-photos", default="", help="the folder of frost1.png ... frost5.jpg (adds frost)")
 parser.add_argument("--json", default=None)
 parser.add_argument("--workdir", default=None, help="a trained run, for the JPEG accuracy comparison")
 args = parser.parse_args()
@@ -41,9 +44,10 @@ import scipy.ndimage  # noqa: E402
 from matplotlib.colors import hsv_to_rgb, rgb_to_hsv  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pivot_jax import corruptions  # noqa: E402
+from pivot_jax import conditions, corruptions  # noqa: E402
 
 PARAMS = corruptions.PARAMS["cifar10"]
+NAMES = conditions.suite_corruptions(photos=bool(args.frost_photos))
 
 
 def load_images(count: int) -> np.ndarray:
@@ -115,6 +119,13 @@ def reference(name: str, c, image: np.ndarray, rng: np.random.Generator) -> np.n
         layer = motion_blur(layer, radius, sigma, rng.uniform(-135, -45)) / 255.0
         grey = (x @ np.array([0.299, 0.587, 0.114]))[..., None]
         x = keep * x + (1 - keep) * np.maximum(x, grey * 1.5 + 0.5) + layer + np.rot90(layer, k=2)
+    elif name == "frost":
+        import cv2
+
+        photo = cv2.imread(f"{args.frost_photos}/{corruptions.FROST_FILES[rng.integers(5)]}")
+        photo = cv2.resize(photo, (0, 0), fx=0.2, fy=0.2)
+        top, left = rng.integers(0, photo.shape[0] - 32), rng.integers(0, photo.shape[1] - 32)
+        x = c[0] * x + c[1] * photo[top:top + 32, left:left + 32][..., [2, 1, 0]] / 255.0
     elif name == "fog":
         peak = x.max()
         x = (x + c[0] * plasma(32, c[1], rng)[..., None]) * peak / (peak + c[0])
@@ -179,7 +190,7 @@ def host_suite(images: np.ndarray) -> dict[str, float]:
     """Seconds per corruption (its five severities) on the host."""
     rng = np.random.default_rng(0)
     seconds = {}
-    for name in corruptions.CORRUPTIONS:
+    for name in NAMES:
         start = time.perf_counter()
         for c in PARAMS[name]:
             for image in images:
@@ -191,17 +202,17 @@ def host_suite(images: np.ndarray) -> dict[str, float]:
 def device_suite(images: np.ndarray, batch: int = 1000) -> dict[str, float]:
     """Seconds per corruption (its five severities) on the device, after compilation."""
     functions = {}
-    for name in corruptions.CORRUPTIONS:
+    for name in NAMES:
         for severity in corruptions.SEVERITIES:
-            functions[name, severity] = jax.jit(jax.vmap(
-                lambda k, x, name=name, severity=severity: corruptions.corrupt(k, x, name, severity, "cifar10", True)))
+            functions[name, severity] = jax.jit(jax.vmap(lambda k, x, name=name, severity=severity: corruptions.corrupt(
+                k, x, name, severity, "cifar10", True, args.frost_photos)))
     batches = [jnp.asarray(images[s : s + batch]) for s in range(0, len(images), batch)]
     keys = jax.random.split(jax.random.key(0), batch)
 
     for fn in functions.values():  # compile
         jax.block_until_ready(fn(keys[: len(batches[0])], batches[0].astype(jnp.float32) / 255.0))
     seconds = {}
-    for name in corruptions.CORRUPTIONS:
+    for name in NAMES:
         start = time.perf_counter()
         outputs = [(functions[name, severity](keys[: len(b)], b.astype(jnp.float32) / 255.0) * 255).astype(jnp.uint8)
                    for severity in corruptions.SEVERITIES for b in batches]
@@ -216,14 +227,14 @@ host_suite(images[:2])  # warm-up (imports, caches)
 device = device_suite(images)
 host = host_suite(images)
 device_seconds, host_seconds = sum(device.values()), sum(host.values())
-conditions = len(corruptions.CORRUPTIONS) * len(corruptions.SEVERITIES)
+num_conditions = len(NAMES) * len(corruptions.SEVERITIES)
 result = {
     "per_corruption_seconds": {name: {"device": device[name], "host": host[name],
-                                      "speedup": host[name] / device[name]} for name in corruptions.CORRUPTIONS},
-    "images": count, "conditions": conditions, "source": "CIFAR-10 JPEG copy, test split" if args.cifar_folder
+                                      "speedup": host[name] / device[name]} for name in NAMES},
+    "images": count, "conditions": num_conditions, "source": "CIFAR-10 JPEG copy, test split" if args.cifar_folder
     else "random smooth 32x32 images",
     "device_seconds": device_seconds, "host_seconds": host_seconds, "speedup": host_seconds / device_seconds,
-    "device_images_per_s": count * conditions / device_seconds, "host_images_per_s": count * conditions / host_seconds,
+    "device_images_per_s": count * num_conditions / device_seconds, "host_images_per_s": count * num_conditions / host_seconds,
     "devices": jax.device_count(), "platform": jax.default_backend(),
 }
 if args.workdir:

@@ -13,10 +13,13 @@ import dataclasses
 import re
 
 METHODS = ("nearest", "bicubic")
-# The common-corruption suite (Hendrycks & Dietterich 2019) that pivot_jax.corruptions implements.
+# The common-corruption suite (Hendrycks & Dietterich 2019) that pivot_jax.corruptions implements, in
+# the published order. Frost blends crops of the published photographs, which this package does not
+# ship: it joins the suite only where `config.perturb.frost_photos` gives their folder.
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "gaussian_blur", "defocus_blur",
-               "glass_blur", "motion_blur", "zoom_blur", "snow", "fog", "elastic_transform", "pixelate",
+               "glass_blur", "motion_blur", "zoom_blur", "snow", "frost", "fog", "elastic_transform", "pixelate",
                "jpeg_compression", "contrast", "brightness", "saturate")
+NEEDS_PHOTOS = ("frost",)
 SEVERITIES = (1, 2, 3, 4, 5)
 # AlexNet's top-1 error on ImageNet-C per corruption, averaged over the five severities: the baseline of
 # the corruption error CE and its mean, mCE (Hendrycks & Dietterich 2019; google-research/augmix).
@@ -26,8 +29,9 @@ ALEXNET_ERRORS = {
     "fog": .819324, "brightness": .564592, "contrast": .853204, "elastic_transform": .646056,
     "pixelate": .717840, "jpeg_compression": .606500,
 }
-# The ImageNet-C corruptions implemented here, over which mCE is taken (14 of its 15).
-MCE_CORRUPTIONS = tuple(name for name in CORRUPTIONS if name in ALEXNET_ERRORS)
+# The benchmark's 15 corruptions (ImageNet-C's mCE, RobustBench's `corruptions_acc`); the suite's other
+# three (speckle_noise, gaussian_blur, saturate) are the published extras.
+BENCHMARK_CORRUPTIONS = tuple(name for name in CORRUPTIONS if name in ALEXNET_ERRORS)
 SUITE = "corruptions"  # in config.evals / sweep_evals: every corruption at every severity
 _NAME = re.compile(r"^(?:(clean)|noise_(\d+(?:\.\d+)?)|(lr|mr)(\d+)_(nearest|bicubic)|"
                    rf"({'|'.join(CORRUPTIONS)})_([1-5]))$")
@@ -35,35 +39,68 @@ NAME_FORMS = ("'clean', 'noise_<sigma>', 'lr<factor>_<method>', 'mr<factor>_<met
               f"'<corruption>_<1-5>' (corruption one of {', '.join(CORRUPTIONS)}), or '{SUITE}'")
 
 
-def suite_names() -> list[str]:
-    """Every corruption at every severity, in the suite's order."""
-    return [f"{name}_{severity}" for name in CORRUPTIONS for severity in SEVERITIES]
+def suite_corruptions(photos: bool = False) -> tuple[str, ...]:
+    """The suite's corruptions: all of them with the frost photographs, else all but frost."""
+    return tuple(name for name in CORRUPTIONS if photos or name not in NEEDS_PHOTOS)
 
 
-def expand(names) -> list[str]:
-    """`names` with `corruptions` replaced by the whole suite, each name once, in order."""
+def suite_names(photos: bool = False) -> list[str]:
+    """Every corruption of the suite at every severity, in the suite's order."""
+    return [f"{name}_{severity}" for name in suite_corruptions(photos) for severity in SEVERITIES]
+
+
+def expand(names, photos: bool = False) -> list[str]:
+    """`names` with `corruptions` replaced by the whole suite (frost with `photos`), each name once, in order."""
     out = []
     for name in names:
-        for item in suite_names() if name == SUITE else [name]:
+        for item in suite_names(photos) if name == SUITE else [name]:
             if item not in out:
                 out.append(item)
     return out
 
 
+def _complete(accuracy: dict[str, float], names) -> bool:
+    return all(f"{name}_{s}" in accuracy for name in names for s in SEVERITIES)
+
+
+def evaluated_suite(accuracy: dict[str, float]) -> tuple[str, ...] | None:
+    """The suite `accuracy` holds every condition of (with frost where frost was evaluated), or None."""
+    names = suite_corruptions(photos=_complete(accuracy, NEEDS_PHOTOS))
+    return names if _complete(accuracy, names) else None
+
+
 def suite_mean(accuracy: dict[str, float]) -> float | None:
-    """The suite's mean accuracy (RobustBench's `corruptions_acc`), when every condition was evaluated."""
-    names = suite_names()
-    return sum(accuracy[n] for n in names) / len(names) if all(n in accuracy for n in names) else None
+    """The mean accuracy over the evaluated suite's conditions (`evaluated_suite`), else None."""
+    names = evaluated_suite(accuracy)
+    if names is None:
+        return None
+    return sum(accuracy[f"{n}_{s}"] for n in names for s in SEVERITIES) / (len(names) * len(SEVERITIES))
+
+
+def benchmark_mean(accuracy: dict[str, float]) -> float | None:
+    """RobustBench's `corruptions_acc`: the mean over the benchmark's 15 corruptions x 5 severities,
+    when all 75 were evaluated (frost among them), else None."""
+    if not _complete(accuracy, BENCHMARK_CORRUPTIONS):
+        return None
+    return sum(accuracy[f"{n}_{s}"] for n in BENCHMARK_CORRUPTIONS for s in SEVERITIES) / (15 * len(SEVERITIES))
+
+
+def mce_corruptions(accuracy: dict[str, float]) -> tuple[str, ...] | None:
+    """The corruptions mCE is taken over: the benchmark's 15, or its 14 without frost where frost was
+    not evaluated; None when any of their severities is missing."""
+    names = tuple(n for n in BENCHMARK_CORRUPTIONS if n not in NEEDS_PHOTOS or _complete(accuracy, (n,)))
+    return names if _complete(accuracy, names) else None
 
 
 def mean_corruption_error(accuracy: dict[str, float]) -> float | None:
-    """ImageNet-C's mCE over MCE_CORRUPTIONS, when all their severities were evaluated (else None):
-    the mean over corruptions c of CE_c = sum over severities of the error / the same sum for AlexNet.
-    Comparable with published mCE only on ImageNet with ImageNet-C's parameters, and over these 8."""
-    if not all(f"{c}_{s}" in accuracy for c in MCE_CORRUPTIONS for s in SEVERITIES):
+    """ImageNet-C's mCE over `mce_corruptions(accuracy)` (else None): the mean over corruptions c of
+    CE_c = sum over severities of the error / the same sum for AlexNet. Comparable with published mCE
+    only on ImageNet with ImageNet-C's parameters, and over all 15."""
+    names = mce_corruptions(accuracy)
+    if names is None:
         return None
     errors = [sum(1 - accuracy[f"{c}_{s}"] for s in SEVERITIES) / (len(SEVERITIES) * ALEXNET_ERRORS[c])
-              for c in MCE_CORRUPTIONS]
+              for c in names]
     return sum(errors) / len(errors)
 
 

@@ -31,12 +31,12 @@ FIELDS_A_RESUME_MAY_CHANGE = (
     "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
     "allow_config_change", "evals", "sweep_evals", "data.data_dir", "data.manual_dir", "data.folder",
     "data.num_threads", "data.prefetch", "data.download", "data.eval_batch_size", "data.test_examples",
-    "profile_steps", "model.conv",
+    "profile_steps", "model.conv", "perturb.frost_photos",
 )
 
 # Fields added after runs were already saved, with the value that gives those runs' behaviour: a
 # config.json without them reads as if it had them (evaluation, export, and resuming such a run).
-FIELDS_ADDED_LATER = {"optim.warmup_steps": 0, "perturb.corruption_table": "auto"}
+FIELDS_ADDED_LATER = {"optim.warmup_steps": 0, "perturb.corruption_table": "auto", "perturb.frost_photos": ""}
 
 
 def parse_arg(arg: str | None, default_perturb: str = "noise") -> dict[str, str | bool | int]:
@@ -158,6 +158,10 @@ def base_config(
     # The common corruptions' parameters (training and test conditions): "cifar10" (CIFAR-10-C),
     # "imagenet" (ImageNet-C), or "auto": ImageNet-C's for images of 64 pixels or more.
     config.perturb.corruption_table = "auto"
+    # The folder of the published frost photographs (frost1.png ... frost5.jpg), which this package
+    # does not ship: frost (as a training kind or test condition) needs it, and with it the suite
+    # `corruptions` includes frost.
+    config.perturb.frost_photos = ""
 
     config.evals = ("clean",)  # evaluated periodically in training and by `pivot_jax.evaluate`
     # Severity sweeps, evaluated by `pivot_jax.evaluate` (not during training).
@@ -203,14 +207,17 @@ def perturb_spec(config: ml_collections.ConfigDict) -> perturb_lib.PerturbSpec:
         factors=tuple(config.perturb.factors),
         methods=tuple(config.perturb.methods),
         corruption_table=config.perturb.corruption_table,
+        frost_photos=config.perturb.frost_photos,
     )
 
 
 def eval_perturbations(config: ml_collections.ConfigDict, sweeps: bool = False) -> list[perturb_lib.EvalPerturbation]:
     """The configured test conditions, in order; with `sweeps`, followed by the sweeps' other ones."""
-    names = conditions.expand([*config.evals, *(config.sweep_evals if sweeps else ())])
+    photos = config.perturb.frost_photos
+    names = conditions.expand([*config.evals, *(config.sweep_evals if sweeps else ())], photos=bool(photos))
     table = corruptions.table_for(config.perturb.corruption_table, config.data.image_size)
-    return [dataclasses.replace(perturb_lib.EvalPerturbation.parse(name), corruption_table=table) for name in names]
+    return [dataclasses.replace(perturb_lib.EvalPerturbation.parse(name), corruption_table=table, frost_photos=photos)
+            for name in names]
 
 
 def _require(ok: bool, field: str, value, expected: str) -> None:
@@ -298,9 +305,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
              c.perturb.corruption_table, f"'auto' or one of {corruptions.TABLES}")
     _require(len(c.evals) > 0, "evals", tuple(c.evals), "at least one evaluation")
     try:
-        eval_perturbations(c, sweeps=True)
+        evals = eval_perturbations(c, sweeps=True)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if c.perturb.frost_photos or any(kind in conditions.NEEDS_PHOTOS for kind in kinds) or any(
+            e.corruption in conditions.NEEDS_PHOTOS for e in evals):
+        table = corruptions.table_for(c.perturb.corruption_table, c.data.image_size)
+        photos = corruptions.load_frost_photos(c.perturb.frost_photos, table)  # a ConfigError names the field
+        try:
+            photos.check_fits(c.data.image_size, c.data.image_size)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
     if num_devices is not None:
         host_batch = host_batch_size(c)

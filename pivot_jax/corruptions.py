@@ -14,14 +14,17 @@ grey RGB image with the same values (the colour ops convert back with ITU-R 601 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import pathlib
 
 import dm_pix
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pivot_jax.conditions import CORRUPTIONS, SEVERITIES
+from pivot_jax.conditions import CORRUPTIONS, NEEDS_PHOTOS, SEVERITIES
+from pivot_jax.errors import ConfigError
 
 TABLES = ("cifar10", "imagenet")
 PARAMS = {
@@ -43,6 +46,7 @@ PARAMS = {
         "snow": ((0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9), (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
                  (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85), (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)),
         "fog": ((0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)),
+        "frost": ((1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)),
         # (alpha, sigma, affine spread) in pixels: the published 32 * (...).
         "elastic_transform": tuple(tuple(32 * v for v in c) for c in (
             (0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03))),
@@ -66,6 +70,7 @@ PARAMS = {
         "zoom_blur": tuple(tuple(np.arange(1, end, step)) for end, step in
                            ((1.11, 0.01), (1.16, 0.01), (1.21, 0.02), (1.26, 0.02), (1.31, 0.03))),
         "fog": ((1.5, 2), (2, 2), (2.5, 1.7), (2.5, 1.5), (3, 1.4)),
+        "frost": ((1, 0.4), (0.8, 0.6), (0.7, 0.7), (0.65, 0.7), (0.6, 0.75)),
         # The published 244 * (...) (its comment: 244 should have been 224, and it is kept so).
         "elastic_transform": tuple(tuple(244 * v for v in c) for c in (
             (2, 0.7, 0.1), (2, 0.08, 0.2), (0.05, 0.01, 0.02), (0.07, 0.01, 0.02), (0.12, 0.01, 0.02))),
@@ -367,6 +372,73 @@ def fog(key, image, c):
     return _clip((image + strength * haze) * peak / (peak + strength))
 
 
+# The published scripts' photographs of frost: they draw from the first five of their six files, and
+# CIFAR-10-C shrinks them to a fifth first (OpenCV's bilinear resize), ImageNet-C uses them whole.
+FROST_FILES = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg")
+FROST_SCALE = {"cifar10": 0.2, "imagenet": 1.0}
+FROST_SOURCE = "https://github.com/hendrycks/robustness/tree/master/ImageNet-C/create_c"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FrostPhotos:
+    """The frost photographs at one table's scale, padded to one shape so that a crop is one
+    `dynamic_slice`: `bank` uint8 [5, H, W, 3] (RGB), `sizes` [5, 2] each photo's own height, width."""
+
+    bank: np.ndarray
+    sizes: np.ndarray
+
+    def check_fits(self, height: int, width: int) -> None:
+        """A ValueError unless every photo is larger than a `height` x `width` image on both sides (the
+        published crop starts at randint(0, side - size), so a photo must exceed the image by one)."""
+        small = [f"{name} {h}x{w}" for name, (h, w) in zip(FROST_FILES, self.sizes) if h <= height or w <= width]
+        if small:
+            raise ValueError(f"config.perturb.frost_photos: the photographs at this table's scale ({', '.join(small)}) "
+                             f"must be larger than the {height}x{width} images on both sides")
+
+
+@functools.lru_cache(maxsize=8)
+def load_frost_photos(folder: str, table: str) -> FrostPhotos:
+    """The photographs in `folder` (the published frost1.png ... frost5.jpg) at `table`'s scale, read as
+    the published scripts read them (OpenCV: alpha dropped, BGR to RGB; `cv2.resize` by the scale)."""
+    import cv2
+
+    if not folder:
+        raise ConfigError("config.perturb.frost_photos: frost needs the published photographs; got no folder, "
+                          f"expected the folder holding {', '.join(FROST_FILES)} (from {FROST_SOURCE})")
+    missing = [name for name in FROST_FILES if not (pathlib.Path(folder) / name).is_file()]
+    if missing:
+        raise ConfigError(f"config.perturb.frost_photos: got {folder!r}, which lacks {', '.join(missing)}; expected "
+                          f"the folder holding {', '.join(FROST_FILES)} (from {FROST_SOURCE})")
+    photos = []
+    for name in FROST_FILES:
+        photo = cv2.imread(str(pathlib.Path(folder) / name), cv2.IMREAD_COLOR_RGB)
+        if photo is None:
+            raise ConfigError(f"config.perturb.frost_photos: cannot decode {pathlib.Path(folder) / name}")
+        scale = FROST_SCALE[table]
+        photos.append(photo if scale == 1 else cv2.resize(photo, (0, 0), fx=scale, fy=scale))
+    sizes = np.array([photo.shape[:2] for photo in photos], np.int32)
+    bank = np.zeros((len(photos), *sizes.max(0), 3), np.uint8)
+    for index, photo in enumerate(photos):
+        bank[index, : photo.shape[0], : photo.shape[1]] = photo
+    return FrostPhotos(bank, sizes)
+
+
+def frost(key, image, c, photos: FrostPhotos):
+    """clip(c[0] x + c[1] frost), frost an image-sized crop of one of the photographs (uniform) at a
+    uniform position (rows and columns from 0 to the photo's side minus the image's, excluded)."""
+    height, width = image.shape[:2]
+    photos.check_fits(height, width)
+    pick_key, row_key, column_key = jax.random.split(key, 3)
+    index = jax.random.randint(pick_key, (), 0, len(photos.sizes))
+    photo_height, photo_width = jnp.asarray(photos.sizes)[index]
+    row = jax.random.randint(row_key, (), 0, photo_height - height)
+    column = jax.random.randint(column_key, (), 0, photo_width - width)
+    crop = jax.lax.dynamic_slice(jnp.asarray(photos.bank), (index, row, column, 0), (1, height, width, 3))[0]
+    rgb = jnp.repeat(image, 3, -1) if image.shape[-1] == 1 else image
+    out = _clip(c[0] * rgb + c[1] * crop.astype(image.dtype) / 255.0)
+    return out if image.shape[-1] == 3 else jnp.sum(out * jnp.asarray(LUMA, image.dtype), -1, keepdims=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Geometric.
 
@@ -599,7 +671,7 @@ def saturate(key, image, c):
     return _in_hsv(image, lambda hsv: hsv.at[..., 1].set(_clip(hsv[..., 1] * c[0] + c[1])))
 
 
-OPS = {name: globals()[name] for name in CORRUPTIONS}
+OPS = {name: globals()[name] for name in CORRUPTIONS}  # frost also takes `photos=`
 
 
 # ---------------------------------------------------------------------------------------------
@@ -622,23 +694,34 @@ def check(name: str, severity: int | None = None) -> None:
         raise ValueError(f"corruption {name}: got severity {severity!r}, expected one of {SEVERITIES}")
 
 
-def corrupt(key, image, name: str, severity: int, table: str = "cifar10", to_uint8: bool = False):
-    """One image under corruption `name` at `severity` (1-5) with the `table` parameters."""
+def _op(name: str, table: str, frost_photos: str):
+    """The op of `name`, with the photographs of `frost_photos` (a folder) bound where it needs them."""
+    if name in NEEDS_PHOTOS:
+        return functools.partial(OPS[name], photos=load_frost_photos(frost_photos, table))
+    return OPS[name]
+
+
+def corrupt(key, image, name: str, severity: int, table: str = "cifar10", to_uint8: bool = False,
+            frost_photos: str = ""):
+    """One image under corruption `name` at `severity` (1-5) with the `table` parameters; frost reads
+    its photographs from the folder `frost_photos`."""
     check(name, severity)
-    out = OPS[name](key, image, PARAMS[table_for(table, image.shape[0])][name][severity - 1])
+    table = table_for(table, image.shape[0])
+    out = _op(name, table, frost_photos)(key, image, PARAMS[table][name][severity - 1])
     # The released sets cast with np.uint8, which rounds down; 1e-3 keeps exact levels (k / 255 in
     # float32 times 255 can fall just below k) on their level.
     return jnp.floor(out * 255.0 + 1e-3) / 255.0 if to_uint8 else out
 
 
-def random_corruption(key, images, names, table: str = "cifar10"):
+def random_corruption(key, images, names, table: str = "cifar10", frost_photos: str = ""):
     """Training: per image, a corruption drawn from `names` and a severity from 1-5, uniformly."""
     for name in names:
         check(name)
     choice_key, severity_key, noise_key = jax.random.split(key, 3)
     count = images.shape[0]
     table = table_for(table, images.shape[1])
-    branches = [functools.partial(OPS[name], c=PARAMS[table][name][s - 1]) for name in names for s in SEVERITIES]
+    branches = [functools.partial(_op(name, table, frost_photos), c=PARAMS[table][name][s - 1])
+                for name in names for s in SEVERITIES]
     index = (jax.random.randint(choice_key, (count,), 0, len(names)) * len(SEVERITIES)
              + jax.random.randint(severity_key, (count,), 0, len(SEVERITIES)))
     keys = jax.random.split(noise_key, count)

@@ -147,6 +147,7 @@ class PerturbSpec:
     factors: tuple[int, ...] = (2, 4)
     methods: tuple[str, ...] = METHODS
     corruption_table: str = "auto"  # the corruptions' parameters: cifar10, imagenet, or auto (by size)
+    frost_photos: str = ""  # the folder of the frost photographs; with it, `corruptions` includes frost
 
     def __post_init__(self):
         if len(self.kinds) != len(self.counts):
@@ -178,8 +179,10 @@ def perturb_batch(key: jax.Array, images: jax.Array, boxes: jax.Array, spec: Per
         elif kind == "lr":
             outputs.append(random_low_resolution(part_key, part, spec.factors, spec.methods))
         elif kind != "mr":
-            names = conditions.CORRUPTIONS if kind == conditions.SUITE else (kind,)
-            outputs.append(corruptions.random_corruption(part_key, part, names, spec.corruption_table))
+            names = (conditions.suite_corruptions(photos=bool(spec.frost_photos)) if kind == conditions.SUITE
+                     else (kind,))
+            outputs.append(corruptions.random_corruption(part_key, part, names, spec.corruption_table,
+                                                         spec.frost_photos))
         else:
             outputs.append(
                 random_mixed_resolution(part_key, part, part_boxes, spec.factors, spec.methods)
@@ -199,6 +202,7 @@ class EvalPerturbation(conditions.EvalCondition):
 
     corruption_table: str = "auto"
     to_uint8: bool = True
+    frost_photos: str = ""  # the folder of the frost photographs, for frost_<severity>
 
     def apply(self, keys: jax.Array, images: jax.Array, boxes: jax.Array) -> jax.Array:
         """Perturbs a batch [n, H, W, C] with one key per image, so that an example's noise does not
@@ -211,6 +215,6 @@ class EvalPerturbation(conditions.EvalCondition):
             return jax.vmap(lambda x: low_resolution(x, self.factor, self.method))(images)
         if self.kind == "corruption":
             corrupt = lambda k, x: corruptions.corrupt(k, x, self.corruption, self.severity, self.corruption_table,
-                                                       self.to_uint8)
+                                                       self.to_uint8, self.frost_photos)
             return jax.vmap(corrupt)(keys, images)
         return jax.vmap(lambda x, b: mixed_resolution(x, b, self.factor, self.method))(images, boxes)

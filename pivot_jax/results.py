@@ -29,10 +29,11 @@ def markdown_table(accuracy: dict[str, float]) -> str:
 
 
 def corruption_table(accuracy: dict[str, float]) -> str:
-    """Accuracy (%) per corruption (rows) and severity (columns), with each corruption's mean."""
+    """Accuracy (%) per corruption of the evaluated suite (rows) and severity (columns), with each
+    corruption's mean."""
     lines = ["| corruption | " + " | ".join(str(s) for s in conditions.SEVERITIES) + " | mean |",
              "|---|" + "---:|" * (len(conditions.SEVERITIES) + 1)]
-    for name in conditions.CORRUPTIONS:
+    for name in conditions.evaluated_suite(accuracy):
         values = [accuracy[f"{name}_{s}"] for s in conditions.SEVERITIES]
         lines.append(f"| {name} | " + " | ".join(f"{100 * v:.2f}" for v in values)
                      + f" | {100 * sum(values) / len(values):.2f} |")
@@ -82,19 +83,27 @@ def write_results(eval_dir, step: int, accuracy: dict[str, float], num_examples:
         "num_examples": {name: int(num_examples) for name in accuracy},
         "mr_boxes": box_source,
     }
-    suite = conditions.suite_mean(accuracy)
-    # The suite's 55 conditions get a table of their own below.
-    table = markdown_table({n: a for n, a in accuracy.items() if suite is None or n not in conditions.suite_names()})
+    suite = conditions.evaluated_suite(accuracy)
+    suite_names = {f"{n}_{s}" for n in suite or () for s in conditions.SEVERITIES}
+    # The suite's conditions get a table of their own below.
+    table = markdown_table({n: a for n, a in accuracy.items() if n not in suite_names})
     text = f"Test accuracy (%) at step {step} on {num_examples} examples; MR boxes: {box_source}.\n\n{table}\n"
     if suite is not None:
-        results["corruptions_mean"] = suite
-        text += f"\nCommon corruptions, mean of {len(conditions.suite_names())} conditions: {100 * suite:.2f}\n\n"
-        text += corruption_table(accuracy) + "\n"
+        results["corruptions_mean"] = conditions.suite_mean(accuracy)
+        results["corruptions"] = list(suite)
+        text += (f"\nCommon corruptions, mean of {len(suite_names)} conditions ({len(suite)} corruptions x "
+                 f"{len(conditions.SEVERITIES)} severities): {100 * results['corruptions_mean']:.2f}\n")
+        benchmark = conditions.benchmark_mean(accuracy)
+        if benchmark is not None:
+            results["corruptions_mean_15"] = benchmark
+            text += f"The benchmark's 15 corruptions x 5 severities (RobustBench's corruptions_acc): {100 * benchmark:.2f}\n"
+        text += "\n" + corruption_table(accuracy) + "\n"
         mce = conditions.mean_corruption_error(accuracy) if corruption_params == "imagenet" else None
         if mce is not None:
-            results["mce"], results["mce_corruptions"] = mce, list(conditions.MCE_CORRUPTIONS)
-            text += (f"\nmCE (corruption error relative to AlexNet, ImageNet-C) over the "
-                     f"{len(conditions.MCE_CORRUPTIONS)} of its 15 corruptions implemented: {100 * mce:.1f}\n")
+            mce_names = conditions.mce_corruptions(accuracy)
+            results["mce"], results["mce_corruptions"] = mce, list(mce_names)
+            text += (f"\nmCE (corruption error relative to AlexNet, ImageNet-C) over {len(mce_names)} of its 15 "
+                     f"corruptions{'' if len(mce_names) == 15 else ' (frost not evaluated)'}: {100 * mce:.1f}\n")
     write_atomically(out_dir / "results.md", text)
     # results.json last: a reader that sees it sees the matching results.md.
     write_atomically(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
@@ -169,20 +178,23 @@ def plot_corruptions(curves: dict[str, list[dict[str, float]]], path) -> bool:
     name: accuracy}, one per seed]}) that has the whole suite: the mean over seeds, a band from the
     lowest to the highest seed, the clean accuracy at severity 0. Returns whether anything was drawn."""
     complete = {label: seeds for label, seeds in curves.items()
-                if seeds and all(conditions.suite_mean(accuracy) is not None for accuracy in seeds)}
+                if seeds and all(conditions.evaluated_suite(accuracy) is not None for accuracy in seeds)}
     if not complete:
         return False
+    # The corruptions every row has (frost only where all of them were evaluated on it).
+    names = [n for n in conditions.CORRUPTIONS
+             if all(n in conditions.evaluated_suite(accuracy) for seeds in complete.values() for accuracy in seeds)]
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     columns = 6
-    rows = -(-len(conditions.CORRUPTIONS) // columns)
+    rows = -(-len(names) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.3 * rows), sharex=True, sharey=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     severities = [0, *conditions.SEVERITIES]
-    for axis, name in zip(axes.flat, conditions.CORRUPTIONS):
+    for axis, name in zip(axes.flat, names):
         for index, (label, seeds) in enumerate(complete.items()):
             values = np.array([[100 * accuracy.get("clean", np.nan)]
                                + [100 * accuracy[f"{name}_{s}"] for s in conditions.SEVERITIES] for accuracy in seeds])
@@ -193,7 +205,7 @@ def plot_corruptions(curves: dict[str, list[dict[str, float]]], path) -> bool:
         axis.set_title(name, fontsize=9)
         axis.grid(alpha=0.3)
         axis.set_ylim(0, 100)
-    for axis in axes.flat[len(conditions.CORRUPTIONS):]:
+    for axis in axes.flat[len(names):]:
         axis.axis("off")
     for axis in axes[:, 0]:
         axis.set_ylabel("accuracy (%)")

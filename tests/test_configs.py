@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from pivot_jax import config_lib
+from pivot_jax import conditions, config_lib
+from pivot_jax.errors import ConfigError
 
 DATASETS = ("mnist", "cifar10", "imagenet")
 
@@ -16,6 +17,11 @@ DATASETS = ("mnist", "cifar10", "imagenet")
 def test_every_config_validates(config_path, dataset, mode, perturb, smoke):
     arg = f"mode={mode},perturb={perturb}" + (",smoke" if smoke else "")
     config = config_lib.load_config(f"{config_path(dataset)}:{arg}")
+    if perturb in conditions.NEEDS_PHOTOS and mode != "clean":
+        # Frost's photographs are not shipped: refused until config.perturb.frost_photos names them.
+        with pytest.raises(ConfigError, match=r"config\.perturb\.frost_photos: .*got no folder"):
+            config_lib.validate(config, num_devices=8)
+        return
     config_lib.validate(config, num_devices=8)
     spec = config_lib.perturb_spec(config)
     assert config.loss.mode == mode

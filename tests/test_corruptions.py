@@ -518,13 +518,14 @@ def test_mce_is_relative_to_alexnet_and_only_with_imagenet_c_parameters(tmp_path
     from pivot_jax import results
 
     # Errors at exactly AlexNet's on every corruption: every CE is 1, so mCE is 1 (100 in the paper's unit).
-    accuracy = {f"{c}_{s}": 1 - conditions.ALEXNET_ERRORS.get(c, 0.5) for c in conditions.CORRUPTIONS
+    accuracy = {f"{c}_{s}": 1 - conditions.ALEXNET_ERRORS.get(c, 0.5) for c in conditions.suite_corruptions()
                 for s in conditions.SEVERITIES}
     assert conditions.mean_corruption_error(accuracy) == pytest.approx(1.0)
-    assert conditions.MCE_CORRUPTIONS == ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur",
-                                          "glass_blur", "motion_blur", "zoom_blur", "snow", "fog",
-                                          "elastic_transform", "pixelate", "jpeg_compression", "contrast",
-                                          "brightness")
+    # Without frost evaluated, mCE is over the other 14 of the benchmark's 15.
+    assert conditions.mce_corruptions(accuracy) == ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur",
+                                                    "glass_blur", "motion_blur", "zoom_blur", "snow", "fog",
+                                                    "elastic_transform", "pixelate", "jpeg_compression", "contrast",
+                                                    "brightness")
     # Half AlexNet's error on pixelate alone: its CE is 0.5, the mean over the 14 falls by 0.5 / 14.
     accuracy.update({f"pixelate_{s}": 1 - conditions.ALEXNET_ERRORS["pixelate"] / 2 for s in conditions.SEVERITIES})
     assert conditions.mean_corruption_error(accuracy) == pytest.approx(1 - 0.5 / 14)
@@ -532,9 +533,175 @@ def test_mce_is_relative_to_alexnet_and_only_with_imagenet_c_parameters(tmp_path
     results.write_results(tmp_path, 10, accuracy, 100, "default box", "imagenet")
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["mce"] == pytest.approx(1 - 0.5 / 14) and len(saved["mce_corruptions"]) == 14
-    assert "mCE (corruption error relative to AlexNet, ImageNet-C) over the 14 of its 15" in (
-        tmp_path / "results.md").read_text()
+    assert "corruptions_mean_15" not in saved  # RobustBench's mean needs frost
+    assert "mCE (corruption error relative to AlexNet, ImageNet-C) over 14 of its 15 corruptions (frost not " \
+           "evaluated)" in (tmp_path / "results.md").read_text()
     results.write_results(tmp_path, 11, accuracy, 100, "default box", "cifar10")  # no AlexNet baseline there
     assert "mce" not in json.loads((tmp_path / "results.json").read_text())
+
+    # With frost at AlexNet's error too: all 15 count, the pixelate CE of 0.5 now moves the mean by 0.5 / 15.
+    accuracy.update({f"frost_{s}": 1 - conditions.ALEXNET_ERRORS["frost"] for s in conditions.SEVERITIES})
+    assert conditions.mce_corruptions(accuracy) == conditions.BENCHMARK_CORRUPTIONS
+    assert conditions.mean_corruption_error(accuracy) == pytest.approx(1 - 0.5 / 15)
+    results.write_results(tmp_path, 12, accuracy, 100, "default box", "imagenet")
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved["mce_corruptions"]) == 15 and len(saved["corruptions"]) == 18
+    benchmark = [accuracy[f"{c}_{s}"] for c in conditions.BENCHMARK_CORRUPTIONS for s in conditions.SEVERITIES]
+    assert saved["corruptions_mean_15"] == pytest.approx(np.mean(benchmark)) and len(benchmark) == 75
+    assert saved["corruptions_mean"] == pytest.approx(np.mean([accuracy[n] for n in conditions.suite_names(True)]))
+    assert "| frost | " in (tmp_path / "results.md").read_text()
     del accuracy["contrast_3"]
     assert conditions.mean_corruption_error(accuracy) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Frost: the published photographs' crops. Tests use photographs made here, written under the published
+# names; a decoy frost6.jpg (the published sixth file, never drawn) checks that only the first five are.
+
+
+def write_photos(folder, sizes, make):
+    """`make(index, height, width)` -> uint8 RGB photo for frost1..5 (and the decoy, index 5), stored as
+    RGBA PNG for the first three like the published ones (alpha dropped on reading) and JPEG for the rest
+    unless `lossless`, in which case every file holds PNG data (the decoder reads the content, not the name)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, (height, width) in enumerate(sizes):
+        name = (*corruptions.FROST_FILES, "frost6.jpg")[index]
+        rgb = make(index, height, width)
+        if name.endswith(".png") or make.lossless:
+            rgba = np.concatenate([rgb, RNG.integers(0, 256, (height, width, 1), dtype=np.uint8)], -1)
+            Image.fromarray(rgba, "RGBA").save(folder / name, format="PNG")
+        else:
+            Image.fromarray(rgb).save(folder / name, format="JPEG", quality=90)
+    return str(folder)
+
+
+def _random_photo(index, height, width):
+    return np.asarray(Image.fromarray(RNG.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)).resize(
+        (width, height), Image.BICUBIC))
+
+
+_random_photo.lossless = False
+# Sizes over the image side at both tables' scales (CIFAR-10-C's fifth: 46 to 66 > 32), all different.
+PHOTO_SIZES = [(330, 260), (240, 300), (250, 310), (230, 285), (245, 290), (300, 300)]
+
+
+@pytest.fixture(scope="module")
+def frost_folder(tmp_path_factory):
+    return write_photos(tmp_path_factory.mktemp("frost"), PHOTO_SIZES, _random_photo)
+
+
+@pytest.mark.parametrize("table,size", [("cifar10", 32), ("imagenet", 224)])
+def test_frost_is_the_published_blend_of_a_photo_crop(frost_folder, table, size):
+    import cv2
+
+    images = smooth_images(3, size=size) / 255.0
+    for index, c in enumerate(corruptions.PARAMS[table]["frost"]):
+        key = jax.random.key(100 + index)
+        # The random numbers, drawn as the op documents: photo, first row, first column.
+        pick_key, row_key, column_key = jax.random.split(key, 3)
+        pick = int(jax.random.randint(pick_key, (), 0, 5))
+        photo = cv2.imread(f"{frost_folder}/{corruptions.FROST_FILES[pick]}")  # the published reading: BGR
+        if table == "cifar10":
+            photo = cv2.resize(photo, (0, 0), fx=0.2, fy=0.2)
+        row = int(jax.random.randint(row_key, (), 0, photo.shape[0] - size))
+        column = int(jax.random.randint(column_key, (), 0, photo.shape[1] - size))
+        crop = photo[row:row + size, column:column + size][..., [2, 1, 0]]
+        expected = np.clip(c[0] * images[0] * 255 + c[1] * crop, 0, 255) / 255
+        got = np.asarray(corruptions.corrupt(key, jnp.asarray(images[0], jnp.float32), "frost", index + 1, table,
+                                             frost_photos=frost_folder))
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+        # Grey images: the blend of the grey RGB image, back to grey with ITU-R 601 luma.
+        grey = images[0, ..., :1]
+        expected_grey = np.clip(c[0] * grey * 255 + c[1] * crop, 0, 255) @ np.array(corruptions.LUMA) / 255
+        got_grey = corruptions.corrupt(key, jnp.asarray(grey, jnp.float32), "frost", index + 1, table,
+                                       frost_photos=frost_folder)
+        np.testing.assert_allclose(np.asarray(got_grey)[..., 0], expected_grey, atol=1e-5)
+    # The same key gives the same image, and jit(vmap) equals the per-image op.
+    photos = corruptions.load_frost_photos(frost_folder, table)
+    c = corruptions.PARAMS[table]["frost"][2]
+    keys = jax.random.split(jax.random.key(7), 3)
+    batched = jax.jit(jax.vmap(lambda k, x: corruptions.frost(k, x, c, photos)))(keys, jnp.asarray(images, jnp.float32))
+    for i in range(3):
+        np.testing.assert_allclose(batched[i], corruptions.frost(keys[i], jnp.asarray(images[i], jnp.float32), c, photos),
+                                   atol=1e-6)
+    assert not np.allclose(batched[0], corruptions.frost(keys[1], jnp.asarray(images[0], jnp.float32), c, photos))
+
+
+def test_frost_draws_the_first_five_photos_uniformly_at_every_position(tmp_path):
+    # Each photo codes itself in red and its pixels' row and column in green and blue; the decoy is red 250.
+    def coded(index, height, width):
+        rows, columns = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+        return np.stack([np.full((height, width), 40 * index + 10), rows, columns], -1).astype(np.uint8)
+
+    coded.lossless = True
+    sizes = [(14, 20), (12, 12), (20, 13), (16, 18), (11, 25), (30, 30)]
+    photos = corruptions.load_frost_photos(write_photos(tmp_path, sizes, coded), "imagenet")  # whole photos
+    count, size = 4000, 8
+    keys = jax.random.split(jax.random.key(0), count)
+    out = jax.jit(jax.vmap(lambda k: corruptions.frost(k, jnp.zeros((size, size, 3)), (0.0, 1.0), photos)))(keys)
+    corner = np.round(np.asarray(out)[:, 0, 0] * 255).astype(int)
+    picks = (corner[:, 0] - 10) // 40
+    assert set(picks) == {0, 1, 2, 3, 4}  # never the sixth file
+    assert np.all(np.abs(np.bincount(picks) - count / 5) < 5 * np.sqrt(count * 0.2 * 0.8))
+    for pick, (height, width) in enumerate(sizes[:5]):
+        rows, columns = corner[picks == pick, 1], corner[picks == pick, 2]
+        # The published randint(0, side - size): every start from 0 to side - size - 1, and no other.
+        assert set(rows) == set(range(height - size)) and set(columns) == set(range(width - size))
+    # The crop is the photo's block at that start.
+    whole = np.asarray(out)[0] * 255
+    np.testing.assert_allclose(whole[..., 1] - whole[0, 0, 1], np.arange(size)[:, None] * np.ones(size), atol=1e-3)
+    np.testing.assert_allclose(whole[..., 2] - whole[0, 0, 2], np.arange(size)[None, :] * np.ones((size, 1)), atol=1e-3)
+
+
+def test_frost_needs_its_photographs_and_names_the_field(tmp_path, synthetic_config, frost_folder):
+    from pivot_jax.errors import ConfigError
+
+    image = jnp.zeros((32, 32, 3))
+    with pytest.raises(ConfigError, match=r"config\.perturb\.frost_photos: .*got no folder.*frost1\.png.*frost5\.jpg"):
+        corruptions.corrupt(jax.random.key(0), image, "frost", 1)
+    write_photos(tmp_path / "partial", PHOTO_SIZES[:3], _random_photo)
+    with pytest.raises(ConfigError, match=r"config\.perturb\.frost_photos: got .*partial.*lacks frost4\.jpg, frost5\.jpg"):
+        corruptions.load_frost_photos(str(tmp_path / "partial"), "cifar10")
+    small = write_photos(tmp_path / "small", [(100, 100)] * 5, _random_photo)  # a fifth of them is 20 pixels
+    with pytest.raises(ValueError, match=r"frost_photos: .*frost1\.png 20x20.*larger than the 32x32 images"):
+        corruptions.corrupt(jax.random.key(0), image, "frost", 1, frost_photos=small)
+    # Before anything runs: a test condition or a training kind that needs them, and photos too small.
+    config = synthetic_config()
+    config.evals = ("clean", "frost_3")
+    with pytest.raises(ConfigError, match=r"config\.perturb\.frost_photos: .*got no folder"):
+        config_lib.validate(config)
+    config = synthetic_config("mode=pivot,perturb=frost,smoke")
+    with pytest.raises(ConfigError, match=r"config\.perturb\.frost_photos"):
+        config_lib.validate(config)
+    config.perturb.frost_photos = small
+    config.perturb.corruption_table = "imagenet"  # whole photos: 100 pixels, enough for 28
+    config_lib.validate(config)
+    config.data.image_size = 100
+    with pytest.raises(ConfigError, match=r"larger than the 100x100 images"):
+        config_lib.validate(config)
+
+
+def test_with_its_photographs_frost_joins_the_suite_in_evaluation_and_training(synthetic_config, tmp_path):
+    # Photos of one colour each: a frosted constant image is clip(a v + b colour) for one severity's (a, b).
+    def flat(index, height, width):
+        return np.full((height, width, 3), (30 + 50 * index, 200 - 30 * index, 90), np.uint8)
+
+    flat.lossless = True
+    folder = write_photos(tmp_path, PHOTO_SIZES[:5], flat)
+    config = synthetic_config("mode=pivot,perturb=corruptions,smoke")
+    config.evals = ("clean", "corruptions")
+    assert "frost_1" not in [e.name for e in config_lib.eval_perturbations(config)]  # without the photos
+    config.perturb.frost_photos = folder
+    config_lib.validate(config)
+    names = [e.name for e in config_lib.eval_perturbations(config)]
+    assert len(names) == 1 + 18 * 5 and names.index("frost_1") == names.index("snow_5") + 1
+
+    config.perturb.kinds = ("frost",)
+    spec = config_lib.perturb_spec(config)
+    value = 0.4
+    images = jnp.full((spec.k, 28, 28, 1), value, jnp.float32)
+    out = np.asarray(perturb.perturb_batch(jax.random.key(0), images, jnp.zeros((spec.k, 4)), spec))
+    candidates = {(severity, pick): np.clip(a * value + b * flat(pick, 1, 1)[0, 0] / 255, 0, 1) @ np.array(corruptions.LUMA)
+                  for severity, (a, b) in enumerate(corruptions.PARAMS["cifar10"]["frost"]) for pick in range(5)}
+    chosen = [next(k for k, v in candidates.items() if np.allclose(out[row], v, atol=1e-5)) for row in range(spec.k)]
+    assert len({severity for severity, _ in chosen}) >= 3 and len({pick for _, pick in chosen}) >= 3
