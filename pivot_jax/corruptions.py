@@ -121,11 +121,11 @@ def shot_noise(key, image, c):
 
 
 def impulse_noise(key, image, c):
-    """Salt and pepper: each value is replaced with probability c, by 1 or 0 with equal odds."""
-    flip_key, salt_key = jax.random.split(key)
-    flipped = jax.random.bernoulli(flip_key, c, image.shape)
-    salted = jax.random.bernoulli(salt_key, 0.5, image.shape)
-    return jnp.where(flipped, salted.astype(image.dtype), image)
+    """Salt and pepper: each value is replaced with probability c, by 1 or 0 with equal odds. One
+    uniform per value decides both (below c / 2: pepper, from c / 2 to c: salt), the same distribution
+    as the published two draws at half the random numbers, which bound this op's speed."""
+    u = jax.random.uniform(key, image.shape, jnp.float32)
+    return jnp.where(u < c, (u >= c / 2).astype(image.dtype), image)
 
 
 def speckle_noise(key, image, c):

@@ -693,12 +693,20 @@ def test_with_its_photographs_frost_joins_the_suite_in_evaluation_and_training(s
     assert "frost_1" not in [e.name for e in config_lib.eval_perturbations(config)]  # without the photos
     config.perturb.frost_photos = folder
     config_lib.validate(config)
-    names = [e.name for e in config_lib.eval_perturbations(config)]
+    evals = config_lib.eval_perturbations(config)
+    names = [e.name for e in evals]
     assert len(names) == 1 + 18 * 5 and names.index("frost_1") == names.index("snow_5") + 1
+    # The test condition: one of the five photos at severity 2's weights, stored as uint8 (rounded down).
+    value, (a, b) = 0.4, corruptions.PARAMS["cifar10"]["frost"][1]
+    keys = jax.random.split(jax.random.key(1), 16)
+    out = np.asarray(evals[names.index("frost_2")].apply(keys, jnp.full((16, 28, 28, 1), value), jnp.zeros((16, 4))))
+    allowed = [np.floor(np.clip(a * value + b * flat(p, 1, 1)[0, 0] / 255, 0, 1) @ np.array(corruptions.LUMA) * 255
+                        + 1e-3) / 255 for p in range(5)]
+    assert all(any(np.allclose(row, level, atol=1e-6) for level in allowed) for row in out)
+    assert len({round(float(row[0, 0, 0]), 4) for row in out}) >= 3
 
     config.perturb.kinds = ("frost",)
     spec = config_lib.perturb_spec(config)
-    value = 0.4
     images = jnp.full((spec.k, 28, 28, 1), value, jnp.float32)
     out = np.asarray(perturb.perturb_batch(jax.random.key(0), images, jnp.zeros((spec.k, 4)), spec))
     candidates = {(severity, pick): np.clip(a * value + b * flat(pick, 1, 1)[0, 0] / 255, 0, 1) @ np.array(corruptions.LUMA)
