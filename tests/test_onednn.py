@@ -114,12 +114,33 @@ def test_gradients_by_finite_differences(strides, padding):
 
 
 def test_bfloat16_matches_lax_to_bfloat16_precision():
+    if not onednn.bfloat16_supported():
+        # Then conv_general_dilated must use XLA's for bfloat16 (the next test), and conv2d says why not.
+        with pytest.raises(TypeError, match="no oneDNN bfloat16 convolution"):
+            onednn.conv2d(jnp.ones((1, 4, 4, 2), jnp.bfloat16), jnp.ones((3, 3, 2, 2), jnp.bfloat16))
+        pytest.skip("oneDNN has no bfloat16 convolution on this CPU (AVX512-BF16, AMX or AVX2-VNNI-2)")
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((4, 16, 16, 32)), jnp.bfloat16)
     kernel = jnp.asarray(rng.standard_normal((3, 3, 32, 32)) * 0.06, jnp.bfloat16)
     y = onednn.conv2d(x, kernel).astype(jnp.float32)
     y_ref = reference(x.astype(jnp.float32), kernel.astype(jnp.float32), (1, 1), "SAME")
     assert y.dtype == jnp.float32 and float(jnp.abs(y - y_ref).max()) < 0.02 * float(jnp.abs(y_ref).max())
+
+
+def test_bfloat16_falls_back_to_lax_where_the_cpu_has_no_onednn_bfloat16(monkeypatch):
+    monkeypatch.setattr(onednn, "bfloat16_supported", lambda: False)
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.bfloat16)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 4, 4)), jnp.bfloat16)
+    conv = lambda x, k: onednn.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_array_equal(jax.jit(conv)(x, kernel).astype(jnp.float32),
+                                  lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                                           dimension_numbers=("NHWC", "HWIO", "NHWC")).astype(jnp.float32))
+    model = models.get_model("resnet8", num_classes=3, dtype="bfloat16", conv="onednn")
+    images = jnp.ones((2, 16, 16, 3))
+    variables = model.init(jax.random.key(0), images)
+    grads = jax.grad(lambda p: model.apply({**variables, "params": p}, images).sum())(variables["params"])
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
 
 def test_unsupported_convolutions_fall_back_to_lax():

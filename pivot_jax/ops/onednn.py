@@ -91,6 +91,23 @@ def available() -> bool:
     return True
 
 
+@functools.cache
+def bfloat16_supported() -> bool:
+    """Whether oneDNN has bfloat16 convolutions on this CPU (it needs AVX512-BF16, AMX or AVX2-VNNI-2;
+    plain AVX2 has none): one 1x1 convolution is tried, evaluated now even when called while tracing."""
+    if not available():
+        return False
+    try:
+        with jax.ensure_compile_time_eval():
+            ones = jnp.ones((1, 1, 1, 1), jnp.bfloat16)
+            jax.block_until_ready(_forward_call(ones, ones, (1, 1), ((0, 0), (0, 0))))
+    except jax.errors.JaxRuntimeError as error:
+        logging.info("oneDNN has no bfloat16 convolution on this CPU; bfloat16 ones use XLA's (%s)",
+                     str(error).strip().splitlines()[0][:200])
+        return False
+    return True
+
+
 def _pads(x_shape, kernel_shape, strides, padding) -> tuple[tuple[int, int], tuple[int, int]]:
     if isinstance(padding, str):
         return tuple(lax.padtype_to_pads(x_shape[1:3], kernel_shape[:2], strides, padding))
@@ -146,6 +163,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding="SAME") -> j
         raise RuntimeError("oneDNN conv2d: the extension is not available (see the warning logged above)")
     if x.dtype != kernel.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
         raise TypeError(f"oneDNN conv2d: float32 or bfloat16 inputs of one dtype, got {x.dtype} and {kernel.dtype}")
+    if x.dtype == jnp.bfloat16 and not bfloat16_supported():
+        raise TypeError("oneDNN conv2d: this CPU has no oneDNN bfloat16 convolution (it needs AVX512-BF16, AMX or "
+                        "AVX2-VNNI-2); conv_general_dilated uses XLA's for bfloat16 here")
     strides = tuple(int(s) for s in strides)
     return _conv(x, kernel, strides, _pads(x.shape, kernel.shape, strides, padding))
 
@@ -180,11 +200,13 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
     """A drop-in for `lax.conv_general_dilated` (as `flax.linen.Conv` calls it): oneDNN for the
-    convolutions it covers (NHWC/HWIO, no dilation, no groups, float32 or bfloat16), XLA for the rest."""
+    convolutions it covers (NHWC/HWIO, no dilation, no groups, float32, and bfloat16 where this CPU has
+    it), XLA for the rest."""
     dilated = any(d != 1 for d in (lhs_dilation or ())) or any(d != 1 for d in (rhs_dilation or ()))
     numbers = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers or _NHWC)
     if (dilated or feature_group_count != 1 or kwargs or lhs.ndim != 4 or lhs.dtype != rhs.dtype
             or lhs.dtype not in (jnp.float32, jnp.bfloat16)
+            or (lhs.dtype == jnp.bfloat16 and not bfloat16_supported())
             or numbers != lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, precision=precision, **kwargs)
