@@ -143,6 +143,20 @@ def test_bfloat16_falls_back_to_lax_where_the_cpu_has_no_onednn_bfloat16(monkeyp
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
 
+def test_the_bfloat16_probe_runs_when_first_asked_inside_a_sharded_trace():
+    expected = onednn.bfloat16_supported()
+    onednn.bfloat16_supported.cache_clear()
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    x = jnp.ones((jax.device_count(), 8, 8, 4), jnp.bfloat16)
+
+    def conv(x, kernel):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # as the train step traces
+            return onednn.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    y = jax.jit(conv)(x, jnp.ones((3, 3, 4, 4), jnp.bfloat16))
+    assert float(y[0, 4, 4, 0]) == 36.0 and onednn.bfloat16_supported() == expected
+
+
 def test_unsupported_convolutions_fall_back_to_lax():
     x = jnp.ones((1, 8, 8, 4))
     kernel = jnp.ones((3, 3, 2, 4))  # two groups

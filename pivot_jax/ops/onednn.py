@@ -98,7 +98,8 @@ def bfloat16_supported() -> bool:
     if not available():
         return False
     try:
-        with jax.ensure_compile_time_eval():
+        # Outside any mesh the caller traces under (the train step's), on the default device.
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())), jax.ensure_compile_time_eval():
             ones = jnp.ones((1, 1, 1, 1), jnp.bfloat16)
             jax.block_until_ready(_forward_call(ones, ones, (1, 1), ((0, 0), (0, 0))))
     except jax.errors.JaxRuntimeError as error:
