@@ -63,6 +63,10 @@ def _complete(accuracy: dict[str, float], names) -> bool:
     return all(f"{name}_{s}" in accuracy for name in names for s in SEVERITIES)
 
 
+def _mean_over(accuracy: dict[str, float], names) -> float:
+    return sum(accuracy[f"{n}_{s}"] for n in names for s in SEVERITIES) / (len(names) * len(SEVERITIES))
+
+
 def evaluated_suite(accuracy: dict[str, float]) -> tuple[str, ...] | None:
     """The suite `accuracy` holds every condition of (with frost where frost was evaluated), or None."""
     names = suite_corruptions(photos=_complete(accuracy, NEEDS_PHOTOS))
@@ -72,17 +76,13 @@ def evaluated_suite(accuracy: dict[str, float]) -> tuple[str, ...] | None:
 def suite_mean(accuracy: dict[str, float]) -> float | None:
     """The mean accuracy over the evaluated suite's conditions (`evaluated_suite`), else None."""
     names = evaluated_suite(accuracy)
-    if names is None:
-        return None
-    return sum(accuracy[f"{n}_{s}"] for n in names for s in SEVERITIES) / (len(names) * len(SEVERITIES))
+    return None if names is None else _mean_over(accuracy, names)
 
 
 def benchmark_mean(accuracy: dict[str, float]) -> float | None:
     """RobustBench's `corruptions_acc`: the mean over the benchmark's 15 corruptions x 5 severities,
     when all 75 were evaluated (frost among them), else None."""
-    if not _complete(accuracy, BENCHMARK_CORRUPTIONS):
-        return None
-    return sum(accuracy[f"{n}_{s}"] for n in BENCHMARK_CORRUPTIONS for s in SEVERITIES) / (15 * len(SEVERITIES))
+    return _mean_over(accuracy, BENCHMARK_CORRUPTIONS) if _complete(accuracy, BENCHMARK_CORRUPTIONS) else None
 
 
 def mce_corruptions(accuracy: dict[str, float]) -> tuple[str, ...] | None:
