@@ -214,9 +214,20 @@ def defocus_kernel(radius: float, alias_blur: float) -> np.ndarray:
     return sum(taps[j] * blurred[:, j : j + disk.shape[1]] for j in range(size)).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=None)
+def _defocus_support(radius: float, alias_blur: float) -> np.ndarray:
+    """The published 17x17 disk cut to its non-zero centre (5x5 for CIFAR-10-C's radii up to 1.5): the
+    same correlation, since the cut taps are exactly 0, at a fraction of the products."""
+    kernel = defocus_kernel(radius, alias_blur)
+    centre = kernel.shape[0] // 2
+    rows, cols = np.nonzero(kernel)
+    reach = int(max(np.abs(rows - centre).max(), np.abs(cols - centre).max()))
+    return kernel[centre - reach : centre + reach + 1, centre - reach : centre + reach + 1]
+
+
 def defocus_blur(key, image, c):
     del key
-    return _clip(_per_channel_filter(image, defocus_kernel(*c), "reflect"))
+    return _clip(_per_channel_filter(image, _defocus_support(*c), "reflect"))
 
 
 def glass_blur(key, image, c):
