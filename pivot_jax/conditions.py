@@ -85,23 +85,47 @@ def benchmark_mean(accuracy: dict[str, float]) -> float | None:
     return _mean_over(accuracy, BENCHMARK_CORRUPTIONS) if _complete(accuracy, BENCHMARK_CORRUPTIONS) else None
 
 
-def mce_corruptions(accuracy: dict[str, float]) -> tuple[str, ...] | None:
+def mce_corruptions(accuracy: dict[str, float], baseline: dict[str, float] | None = None) -> tuple[str, ...] | None:
     """The corruptions mCE is taken over: the benchmark's 15, or its 14 without frost where frost was
-    not evaluated; None when any of their severities is missing."""
-    names = tuple(n for n in BENCHMARK_CORRUPTIONS if n not in NEEDS_PHOTOS or _complete(accuracy, (n,)))
-    return names if _complete(accuracy, names) else None
+    not evaluated (in `accuracy` or in the `baseline` run's); None when any of their severities is missing."""
+    runs = (accuracy,) if baseline is None else (accuracy, baseline)
+    names = tuple(n for n in BENCHMARK_CORRUPTIONS if n not in NEEDS_PHOTOS or all(_complete(r, (n,)) for r in runs))
+    return names if all(_complete(r, names) for r in runs) else None
 
 
-def mean_corruption_error(accuracy: dict[str, float]) -> float | None:
-    """ImageNet-C's mCE over `mce_corruptions(accuracy)` (else None): the mean over corruptions c of
-    CE_c = sum over severities of the error / the same sum for AlexNet. Comparable with published mCE
-    only on ImageNet with ImageNet-C's parameters, and over all 15."""
-    names = mce_corruptions(accuracy)
+def _error_sum(accuracy: dict[str, float], corruption: str) -> float:
+    return sum(1 - accuracy[f"{corruption}_{s}"] for s in SEVERITIES)
+
+
+def mean_corruption_error(accuracy: dict[str, float], baseline: dict[str, float] | None = None) -> float | None:
+    """mCE over `mce_corruptions(accuracy)` (else None): the mean over corruptions c of CE_c = the sum
+    over severities of the error / the same sum for the baseline. The baseline is another run's
+    accuracies (`baseline`; over the corruptions both runs hold), by default AlexNet's
+    published ImageNet-C errors, comparable with published mCE only on ImageNet with ImageNet-C's
+    parameters, and over all 15."""
+    names = mce_corruptions(accuracy, baseline)
     if names is None:
         return None
-    errors = [sum(1 - accuracy[f"{c}_{s}"] for s in SEVERITIES) / (len(SEVERITIES) * ALEXNET_ERRORS[c])
-              for c in names]
+    if baseline is None:
+        errors = [_error_sum(accuracy, c) / (len(SEVERITIES) * ALEXNET_ERRORS[c]) for c in names]
+    else:
+        errors = [_error_sum(accuracy, c) / _error_sum(baseline, c) for c in names]
     return sum(errors) / len(errors)
+
+
+def relative_mean_corruption_error(accuracy: dict[str, float], baseline: dict[str, float]) -> float | None:
+    """Relative mCE against a baseline run (Hendrycks & Dietterich 2019): the mean over corruptions c of
+    the accuracy each corruption costs, summed over severities, over what it costs the baseline:
+    sum_s (E_s,c - E_clean) / sum_s (E_s,c - E_clean) of the baseline. None where either run lacks a
+    condition (`clean` included), or where a corruption costs the baseline nothing (no ratio)."""
+    names = mce_corruptions(accuracy, baseline)
+    if names is None or "clean" not in accuracy or "clean" not in baseline:
+        return None
+    cost = lambda run, c: _error_sum(run, c) - len(SEVERITIES) * (1 - run["clean"])  # noqa: E731
+    costs = [(cost(accuracy, c), cost(baseline, c)) for c in names]
+    if any(base <= 0 for _, base in costs):
+        return None
+    return sum(ours / base for ours, base in costs) / len(costs)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,8 +18,9 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from pivot_jax import checkpoint, config_lib, corruptions, data, results, runtime, sharding, train_state, workdirs
-from pivot_jax.errors import CheckpointError, UserError
+from pivot_jax import (checkpoint, conditions, config_lib, corruptions, data, results, runtime, sharding, train_state,
+                       workdirs)
+from pivot_jax.errors import CheckpointError, ConfigError, UserError
 
 EVAL_SEED = 2018  # fixed: two evaluations of one model give the same numbers
 
@@ -88,12 +89,22 @@ def restore_model(config: ml_collections.ConfigDict, workdir, step: int | None =
     return model, model_state, step
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
+                        baseline: str | None = None) -> dict:
     """Restores `workdir`'s checkpoint (latest, or `step`) on the devices present and evaluates every
     configured test condition and sweep; writes the report into `<workdir>/eval/` (or, for an
-    earlier step, `<workdir>/eval/step_<step>/`) and returns the results."""
+    earlier step, `<workdir>/eval/step_<step>/`) and returns the results. `baseline`, another run
+    evaluated on the common-corruption suite, adds the mCE and relative mCE against it."""
     mesh = sharding.make_mesh()
     config_lib.validate(config, num_devices=mesh.size)
+    baseline_results = None
+    if baseline:
+        names = [p.name for p in config_lib.eval_perturbations(config, sweeps=True)]
+        if not all(f"{c}_{s}" in names for c in conditions.BENCHMARK_CORRUPTIONS if c not in conditions.NEEDS_PHOTOS
+                   for s in conditions.SEVERITIES):
+            raise ConfigError(f"--baseline={baseline}: mCE needs this run evaluated on the common-corruption suite; "
+                              "add 'corruptions' to config.sweep_evals (or config.evals)")
+        baseline_results = results.read_baseline(baseline)
     latest = checkpoint.manager(workdir, read_only=True).latest_step()
     if latest is None:
         raise CheckpointError(f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}: nothing to evaluate")
@@ -106,7 +117,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: i
     out_dir = epath.Path(workdir) / "eval" / ("" if step == latest else f"step_{step}")
     if jax.process_index() == 0:
         table = corruptions.table_for(config.perturb.corruption_table, config.data.image_size)
-        out_dir, _ = results.write_results(out_dir, step, accuracy, num_examples, test_split.box_source, table)
+        out_dir, _ = results.write_results(out_dir, step, accuracy, num_examples, test_split.box_source, table,
+                                           baseline_results)
         results.plot_sweeps({f"step {step}": [accuracy]}, out_dir / "sweeps.png")
         results.plot_corruptions({f"step {step}": [accuracy]}, out_dir / "corruptions.png")
     return {"step": step, "accuracy": accuracy, "num_examples": num_examples, "dir": str(out_dir)}
@@ -119,7 +131,8 @@ def main(argv):
     runtime.quiet_library_logs()
     try:
         runtime.initialize_from_flags()
-        result = evaluate_checkpoint(runtime.config_from_flags(), flags.FLAGS.workdir, flags.FLAGS.step)
+        result = evaluate_checkpoint(runtime.config_from_flags(), flags.FLAGS.workdir, flags.FLAGS.step,
+                                     flags.FLAGS.baseline)
     except UserError as error:
         sys.exit(f"error: {error}")
     if jax.process_index() == 0:
@@ -130,6 +143,8 @@ if __name__ == "__main__":
     runtime.define_config_flag(sys.argv)
     flags.DEFINE_string("workdir", None, "The run's workdir, holding checkpoints/ and config.json.")
     flags.DEFINE_integer("step", None, "The checkpoint step to evaluate (default: the latest).")
+    flags.DEFINE_string("baseline", None, "A run evaluated on the common-corruption suite (its workdir): the "
+                        "results add the mCE and relative mCE against it.")
     runtime.define_distributed_flags()
     flags.mark_flags_as_required(["workdir"])
     app.run(main, flags_parser=runtime.parse_flags)

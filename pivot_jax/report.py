@@ -8,7 +8,9 @@ shows. With several seeds a cell is their mean ± sample standard deviation, and
 every seed. Each pivot row is compared with the mixed row of the same perturbation over the seeds
 that both have: the mean paired difference, its 95% interval (Student's t) and a verdict. Writes
 `report.md`, `sweeps.png` (every run's sweep curves, a band over seeds) and, for runs evaluated on
-the whole common-corruption suite, `corruptions.png` (accuracy per corruption and severity) into `--out`.
+the whole common-corruption suite, `corruptions.png` (accuracy per corruption and severity) into `--out`;
+for those runs the report also gives the suite's mean and, with `--baseline=RUN` (a run evaluated on
+the suite, e.g. clean-only training), each row's mCE and relative mCE against it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from pivot_jax import results
+from pivot_jax import conditions, results
+from pivot_jax.errors import ConfigError
 
 ROW_ORDER = ("Clean only", "Noisy only", "LR only", "MR only", "LR, MR only", "Clean, Noisy", "Clean, LR",
              "Clean, MR", "Clean, LR, MR", "Clean, Noisy, paired", "Clean, LR, paired", "Clean, MR, paired",
@@ -55,7 +58,7 @@ PAPER = {
 
 
 def row_label(config: dict) -> str:
-    mode, kinds = config["loss"]["mode"], [_KIND_NAMES[k] for k in config["perturb"]["kinds"]]
+    mode, kinds = config["loss"]["mode"], [_KIND_NAMES.get(k, k) for k in config["perturb"]["kinds"]]
     if mode == "clean":
         return "Clean only"
     if mode == "perturbed":
@@ -146,9 +149,43 @@ def _comparisons(groups: dict[str, list[dict]], columns: list[str]) -> list[str]
     return lines
 
 
-def build_report(runs: list[dict], columns: list[str] | None = None, title: str = "") -> str:
+def _mean_sd(values: list[float]) -> str:
+    return f"{np.mean(values):.2f}" + (f" ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else "")
+
+
+def _corruption_lines(groups: dict[str, list[dict]], rows: list[str], baseline: dict | None) -> list[str]:
+    """The rows' runs that were evaluated on the common-corruption suite: the suite's mean accuracy and,
+    against a baseline run, mCE and relative mCE (%, 100 = the baseline's)."""
+    lines = []
+    for row in rows:
+        suite_runs = [m for m in groups[row] if not m["diverged"]
+                      and conditions.evaluated_suite(m["results"]["accuracy"]) is not None]
+        if not suite_runs:
+            continue
+        if not lines:
+            lines += ["", "Common corruptions (%): the mean accuracy over the evaluated suite"
+                      + (f"; mCE and relative mCE against `{baseline['run']}` (100 = its own)" if baseline else "")
+                      + ".", "",
+                      "| training | seeds | corruptions | mean accuracy |"
+                      + (" mCE | relative mCE |" if baseline else ""),
+                      "|---|---|---|---|" + ("---|---|" if baseline else "")]
+        accuracies = [m["results"]["accuracy"] for m in suite_runs]
+        suites = {len(conditions.evaluated_suite(a)) for a in accuracies}
+        cells = [", ".join(str(m["config"]["seed"]) for m in suite_runs), "/".join(str(n) for n in sorted(suites)),
+                 _mean_sd([100 * conditions.suite_mean(a) for a in accuracies])]
+        if baseline:
+            for error in (conditions.mean_corruption_error, conditions.relative_mean_corruption_error):
+                values = [error(a, baseline["accuracy"]) for a in accuracies]
+                cells.append("–" if None in values else _mean_sd([100 * v for v in values]))
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def build_report(runs: list[dict], columns: list[str] | None = None, title: str = "",
+                 baseline: dict | None = None) -> str:
     """The Markdown tables: our mean accuracy (with the seeds' spread) beside the paper's, every
-    seed, and the paired pivot-against-mixed comparison."""
+    seed, the paired pivot-against-mixed comparison, and for runs evaluated on the common-corruption
+    suite its mean (with mCE against `baseline`, from `results.read_baseline`, when given)."""
     finished = [r for r in runs if not r["diverged"]]
     if columns is None:
         reference = finished[0] if finished else runs[0]
@@ -169,9 +206,7 @@ def build_report(runs: list[dict], columns: list[str] | None = None, title: str 
         cells = []
         for column in columns:
             values = [100 * m["results"]["accuracy"][column] for m in done if column in m["results"]["accuracy"]]
-            cell = f"{np.mean(values):.2f}" if values else ("diverged" if not done else "–")
-            if len(values) > 1:
-                cell += f" ± {np.std(values, ddof=1):.2f}"
+            cell = _mean_sd(values) if values else ("diverged" if not done else "–")
             if column in paper:
                 cell += f" ({paper[column]:.1f})"
             cells.append(cell)
@@ -192,15 +227,18 @@ def build_report(runs: list[dict], columns: list[str] | None = None, title: str 
                 cells = [f"{100 * accuracy[c]:.2f}" if c in accuracy else "–" for c in columns]
                 lines.append(f"| {row} | {m['config']['seed']} | " + " | ".join(cells) + f" | {m['results']['step']} |")
     lines += _comparisons(groups, columns)
+    lines += _corruption_lines(groups, rows, baseline)
     lines += ["", "Runs: " + ", ".join(f"`{m['dir']}`" for row in rows for m in groups[row]), ""]
     return "\n".join(lines).lstrip("\n")
 
 
-def write_report(run_dirs: list[str], out_dir, columns: list[str] | None = None, title: str = "") -> str:
+def write_report(run_dirs: list[str], out_dir, columns: list[str] | None = None, title: str = "",
+                 baseline: str | None = None) -> str:
     runs = [load_run(d) for d in run_dirs]
+    baseline_results = results.read_baseline(baseline) if baseline else None
     out_dir = epath.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = build_report(runs, columns, title)
+    text = build_report(runs, columns, title, baseline_results)
     (out_dir / "report.md").write_text(text)
     curves: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
@@ -216,8 +254,8 @@ def main(argv):
     if len(argv) < 2:
         raise app.UsageError("usage: python -m pivot_jax.report RUN_DIR... --out=DIR")
     try:
-        print(write_report(argv[1:], flags.FLAGS.out, flags.FLAGS.columns, flags.FLAGS.title))
-    except (FileNotFoundError, KeyError) as error:
+        print(write_report(argv[1:], flags.FLAGS.out, flags.FLAGS.columns, flags.FLAGS.title, flags.FLAGS.baseline))
+    except (FileNotFoundError, KeyError, ConfigError) as error:
         sys.exit(f"error: {error}")
 
 
@@ -225,5 +263,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("out", None, "Where report.md and sweeps.png go.")
     flags.DEFINE_list("columns", None, "Test conditions to tabulate (default: the runs' config.evals).")
     flags.DEFINE_string("title", "", "A heading for the table.")
+    flags.DEFINE_string("baseline", None, "A run evaluated on the common-corruption suite: the report adds each "
+                        "row's mCE and relative mCE against it.")
     flags.mark_flags_as_required(["out"])
     app.run(main)

@@ -16,6 +16,7 @@ from absl import logging
 from etils import epath
 
 from pivot_jax import conditions
+from pivot_jax.errors import ConfigError
 
 
 def markdown_table(accuracy: dict[str, float]) -> str:
@@ -57,6 +58,25 @@ def read_results(eval_dir) -> dict | None:
         return None
 
 
+def read_baseline(run_dir) -> dict:
+    """The accuracies of a baseline run for mCE (`--baseline`): its `eval/results.json` must hold the
+    benchmark's corruptions at every severity, and `clean`; else a ConfigError that says what is missing."""
+    found = read_results(epath.Path(run_dir) / "eval")
+    if found is None:
+        raise ConfigError(f"--baseline={run_dir}: no eval/results.json there; evaluate the baseline run on the "
+                          f"suite first (python -m pivot_jax.evaluate --workdir={run_dir} "
+                          "--config.sweep_evals=\"('corruptions',)\")")
+    accuracy = found["accuracy"]
+    needed = ["clean", *(f"{c}_{s}" for c in conditions.BENCHMARK_CORRUPTIONS if c not in conditions.NEEDS_PHOTOS
+                         for s in conditions.SEVERITIES)]
+    missing = [name for name in needed if name not in accuracy]
+    if missing:
+        raise ConfigError(f"--baseline={run_dir}: its eval/results.json lacks {len(missing)} of the conditions that "
+                          f"mCE needs ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); evaluate it "
+                          "on the suite ('corruptions') first")
+    return {"run": str(run_dir), "accuracy": accuracy}
+
+
 def results_dir(eval_dir, step: int) -> epath.Path:
     """Where the results of `step` go: `eval_dir`, unless it holds those of a later step."""
     eval_dir = epath.Path(eval_dir)
@@ -67,11 +87,13 @@ def results_dir(eval_dir, step: int) -> epath.Path:
 
 
 def write_results(eval_dir, step: int, accuracy: dict[str, float], num_examples: int,
-                  box_source: str, corruption_params: str = "") -> tuple[epath.Path, str]:
+                  box_source: str, corruption_params: str = "", baseline: dict | None = None) -> tuple[epath.Path, str]:
     """Writes `results.json` and `results.md` for `step`; returns the folder used and the table.
 
     `corruption_params` names the corruptions' parameters used ("imagenet" or "cifar10"); with
-    ImageNet-C's, the results also give the mean corruption error against AlexNet (mCE)."""
+    ImageNet-C's, the results also give the mean corruption error against AlexNet (mCE). `baseline`
+    ({"run": its directory, "accuracy": its accuracies}, from `read_baseline`) adds the mCE and the
+    relative mCE against that run, for any data set."""
     out_dir = results_dir(eval_dir, step)
     if out_dir != epath.Path(eval_dir):
         logging.warning("%s holds the results of a later step; the results of step %d go to %s.",
@@ -104,6 +126,17 @@ def write_results(eval_dir, step: int, accuracy: dict[str, float], num_examples:
             results["mce"], results["mce_corruptions"] = mce, list(mce_names)
             text += (f"\nmCE (corruption error relative to AlexNet, ImageNet-C) over {len(mce_names)} of its 15 "
                      f"corruptions{'' if len(mce_names) == 15 else ' (frost not evaluated)'}: {100 * mce:.1f}\n")
+        if baseline is not None:
+            results["mce_baseline"] = against = {
+                "run": baseline["run"],
+                "mce": conditions.mean_corruption_error(accuracy, baseline["accuracy"]),
+                "relative_mce": conditions.relative_mean_corruption_error(accuracy, baseline["accuracy"]),
+                "corruptions": list(conditions.mce_corruptions(accuracy, baseline["accuracy"]) or ()),
+            }
+            relative = ("undefined (a corruption costs the baseline no accuracy)" if against["relative_mce"] is None
+                        else f"{100 * against['relative_mce']:.1f}")
+            text += (f"\nAgainst the baseline run {baseline['run']}, over {len(against['corruptions'])} corruptions: "
+                     f"mCE {100 * against['mce']:.1f}, relative mCE {relative} (100 = the baseline's)\n")
     write_atomically(out_dir / "results.md", text)
     # results.json last: a reader that sees it sees the matching results.md.
     write_atomically(out_dir / "results.json", json.dumps(results, indent=2) + "\n")

@@ -554,6 +554,57 @@ def test_mce_is_relative_to_alexnet_and_only_with_imagenet_c_parameters(tmp_path
     assert conditions.mean_corruption_error(accuracy) is None
 
 
+def _suite_accuracy(clean, corrupted, photos=False, **per_corruption):
+    accuracy = {"clean": clean}
+    for name in conditions.suite_corruptions(photos):
+        accuracy.update({f"{name}_{s}": per_corruption.get(name, corrupted) for s in conditions.SEVERITIES})
+    return accuracy
+
+
+def test_mce_against_a_baseline_run(tmp_path):
+    import json
+
+    from pivot_jax import results
+    from pivot_jax.errors import ConfigError
+
+    # The baseline: 90% clean, 60% under every corruption. Ours: 95% clean, 80% corrupted (half the error,
+    # half the cost), but pixelate at the baseline's 60% (CE 1, cost 0.35 / 0.3).
+    baseline = _suite_accuracy(0.9, 0.6)
+    ours = _suite_accuracy(0.95, 0.8, photos=True, pixelate=0.6)
+    # Frost is in our suite only: both means are over the 14 corruptions the two runs share.
+    assert conditions.mce_corruptions(ours, baseline) == tuple(c for c in conditions.BENCHMARK_CORRUPTIONS
+                                                              if c != "frost")
+    assert conditions.mean_corruption_error(ours, baseline) == pytest.approx((13 * 0.5 + 1) / 14)
+    assert conditions.relative_mean_corruption_error(ours, baseline) == pytest.approx((13 * 0.5 + 0.35 / 0.3) / 14)
+    # A baseline with frost too: all 15 count.
+    with_frost = _suite_accuracy(0.9, 0.6, photos=True)
+    assert conditions.mean_corruption_error(ours, with_frost) == pytest.approx((14 * 0.5 + 1) / 15)
+    # A corruption that costs the baseline nothing leaves no relative CE; a missing condition, no mCE.
+    assert conditions.relative_mean_corruption_error(ours, {**baseline, **_suite_accuracy(0.9, 0.9)}) is None
+    incomplete = dict(baseline)
+    del incomplete["fog_4"]
+    assert conditions.mean_corruption_error(ours, incomplete) is None
+
+    # The baseline is read from its run directory, and results.json / results.md carry both figures.
+    run = tmp_path / "baseline_run"
+    results.write_results(run / "eval", 500, baseline, 100, "default box", "cifar10")
+    read = results.read_baseline(run)
+    assert read == {"run": str(run), "accuracy": baseline}
+    results.write_results(tmp_path / "ours", 500, ours, 100, "default box", "cifar10", read)
+    saved = json.loads((tmp_path / "ours" / "results.json").read_text())["mce_baseline"]
+    assert saved["run"] == str(run) and len(saved["corruptions"]) == 14
+    assert saved["mce"] == pytest.approx((13 * 0.5 + 1) / 14)
+    assert saved["relative_mce"] == pytest.approx((13 * 0.5 + 0.35 / 0.3) / 14)
+    assert (f"Against the baseline run {run}, over 14 corruptions: mCE 53.6, relative mCE 54.8 (100 = the "
+            "baseline's)") in (tmp_path / "ours" / "results.md").read_text()
+    # Errors that name the flag: no results there, or results without the suite.
+    with pytest.raises(ConfigError, match="--baseline=.*nowhere: no eval/results.json there"):
+        results.read_baseline(tmp_path / "nowhere")
+    results.write_results(tmp_path / "partial" / "eval", 500, incomplete, 100, "default box")
+    with pytest.raises(ConfigError, match=r"lacks 1 of the conditions that mCE needs \(fog_4\)"):
+        results.read_baseline(tmp_path / "partial")
+
+
 # ---------------------------------------------------------------------------------------------
 # Frost: the published photographs' crops. Tests use photographs made here, written under the published
 # names; a decoy frost6.jpg (the published sixth file, never drawn) checks that only the first five are.

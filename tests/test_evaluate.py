@@ -109,6 +109,14 @@ def test_evaluation_errors(trained_on_eight, mnist_config, tmp_path):
     unreadable.data.box_file = str(tmp_path / "missing.csv")
     with pytest.raises(data.DataError, match="config.data.box_file: cannot read"):
         evaluate.evaluate_checkpoint(unreadable, str(workdir))
+    # mCE against a baseline run needs this run on the suite, and a baseline evaluated on it.
+    with pytest.raises(evaluate.ConfigError, match="add 'corruptions' to config.sweep_evals"):
+        evaluate.evaluate_checkpoint(smoke_config(mnist_config), str(workdir), baseline=str(tmp_path))
+    on_suite = smoke_config(mnist_config)
+    on_suite.sweep_evals = ("corruptions",)
+    with pytest.raises(evaluate.ConfigError, match="no eval/results.json there"):
+        evaluate.evaluate_checkpoint(on_suite, str(workdir), baseline=str(tmp_path))
+    assert not (tmp_path / "eval").exists()
 
 
 def test_earlier_step_goes_to_its_own_folder(trained_on_eight, mnist_config):
@@ -187,6 +195,32 @@ def test_report_compares_pivot_with_mixed_seed_by_seed_and_shows_diverged_runs(t
     assert "| 0 | -8.00 | – | cannot be told apart (one seed) |" in lines[
         ("Pivot loss, symmetric", "Clean, Noisy, paired", "noise_0.15")]
     assert (tmp_path / "out" / "sweeps.png").stat().st_size > 10_000
+
+
+def test_report_gives_the_suite_mean_and_mce_against_a_baseline(tmp_path):
+    from pivot_jax import conditions
+    from pivot_jax.errors import ConfigError
+
+    def suite(clean, corrupted):
+        accuracy = {"clean": clean, "noise_0.15": corrupted}
+        accuracy.update({name: corrupted for name in conditions.suite_names()})
+        return accuracy
+
+    clean_run = fake_run(tmp_path / "clean", "cifar10", "clean", (), 0, suite(0.9, 0.6))
+    runs = [clean_run,
+            fake_run(tmp_path / "pivot0", "cifar10", "pivot", ("shot_noise",), 0, suite(0.95, 0.8)),
+            fake_run(tmp_path / "pivot1", "cifar10", "pivot", ("shot_noise",), 1, suite(0.95, 0.7)),
+            fake_run(tmp_path / "mixed", "cifar10", "mixed", ("noise",), 0, {"clean": 0.9, "noise_0.15": 0.7})]
+    text = report.write_report(runs, tmp_path / "out", columns=["clean", "noise_0.15"], baseline=clean_run)
+    # Seeds 0 and 1: suite means 80 and 70; mCE 20/40 and 30/40; relative mCE 15/30 and 25/30 (of 100).
+    assert "| Pivot loss (Ours) | 0, 1 | 17 | 75.00 ± 7.07 | 62.50 ± 17.68 | 66.67 ± 23.57 |" in text
+    assert "| Clean only | 0 | 17 | 60.00 | 100.00 | 100.00 |" in text
+    assert "| Clean, Noisy |" not in text.split("Common corruptions")[1]  # not evaluated on the suite
+    assert (tmp_path / "out" / "corruptions.png").stat().st_size > 10_000
+    without = report.write_report(runs, tmp_path / "out2", columns=["clean"])
+    assert "| Pivot loss (Ours) | 0, 1 | 17 | 75.00 ± 7.07 |\n" in without and "relative mCE" not in without
+    with pytest.raises(ConfigError, match="--baseline=.*mixed: its eval/results.json lacks 70 of the"):
+        report.write_report(runs, tmp_path / "out3", baseline=str(tmp_path / "mixed"))
 
 
 def test_paired_difference_verdicts():
