@@ -100,7 +100,8 @@ def _error_sum(accuracy: dict[str, float], corruption: str) -> float:
 def mean_corruption_error(accuracy: dict[str, float], baseline: dict[str, float] | None = None) -> float | None:
     """mCE over `mce_corruptions(accuracy)` (else None): the mean over corruptions c of CE_c = the sum
     over severities of the error / the same sum for the baseline. The baseline is another run's
-    accuracies (`baseline`; over the corruptions both runs hold), by default AlexNet's
+    accuracies (`baseline`; over the corruptions both runs hold; None if it makes no error on one), by
+    default AlexNet's
     published ImageNet-C errors, comparable with published mCE only on ImageNet with ImageNet-C's
     parameters, and over all 15."""
     names = mce_corruptions(accuracy, baseline)
@@ -108,6 +109,8 @@ def mean_corruption_error(accuracy: dict[str, float], baseline: dict[str, float]
         return None
     if baseline is None:
         errors = [_error_sum(accuracy, c) / (len(SEVERITIES) * ALEXNET_ERRORS[c]) for c in names]
+    elif any(_error_sum(baseline, c) <= 0 for c in names):  # a flawless baseline leaves no ratio
+        return None
     else:
         errors = [_error_sum(accuracy, c) / _error_sum(baseline, c) for c in names]
     return sum(errors) / len(errors)

@@ -133,10 +133,10 @@ def write_results(eval_dir, step: int, accuracy: dict[str, float], num_examples:
                 "relative_mce": conditions.relative_mean_corruption_error(accuracy, baseline["accuracy"]),
                 "corruptions": list(conditions.mce_corruptions(accuracy, baseline["accuracy"]) or ()),
             }
-            relative = ("undefined (a corruption costs the baseline no accuracy)" if against["relative_mce"] is None
-                        else f"{100 * against['relative_mce']:.1f}")
+            shown = {key: "undefined (the baseline makes no error, or loses no accuracy, on a corruption)"
+                     if against[key] is None else f"{100 * against[key]:.1f}" for key in ("mce", "relative_mce")}
             text += (f"\nAgainst the baseline run {baseline['run']}, over {len(against['corruptions'])} corruptions: "
-                     f"mCE {100 * against['mce']:.1f}, relative mCE {relative} (100 = the baseline's)\n")
+                     f"mCE {shown['mce']}, relative mCE {shown['relative_mce']} (100 = the baseline's)\n")
     write_atomically(out_dir / "results.md", text)
     # results.json last: a reader that sees it sees the matching results.md.
     write_atomically(out_dir / "results.json", json.dumps(results, indent=2) + "\n")

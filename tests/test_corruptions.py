@@ -581,6 +581,11 @@ def test_mce_against_a_baseline_run(tmp_path):
     assert conditions.mean_corruption_error(ours, with_frost) == pytest.approx((14 * 0.5 + 1) / 15)
     # A corruption that costs the baseline nothing leaves no relative CE; a missing condition, no mCE.
     assert conditions.relative_mean_corruption_error(ours, {**baseline, **_suite_accuracy(0.9, 0.9)}) is None
+    flawless = {**baseline, **{f"fog_{s}": 1.0 for s in conditions.SEVERITIES}}
+    assert conditions.mean_corruption_error(ours, flawless) is None
+    results.write_results(tmp_path / "flawless", 500, ours, 100, "default box", "cifar10",
+                          {"run": "flawless", "accuracy": flawless})
+    assert "mCE undefined (the baseline makes no error" in (tmp_path / "flawless" / "results.md").read_text()
     incomplete = dict(baseline)
     del incomplete["fog_4"]
     assert conditions.mean_corruption_error(ours, incomplete) is None
