@@ -93,6 +93,12 @@ def mce_corruptions(accuracy: dict[str, float], baseline: dict[str, float] | Non
     return names if all(_complete(r, names) for r in runs) else None
 
 
+def mce_needed_names() -> list[str]:
+    """The conditions every run in an mCE against a baseline run must hold: the benchmark's corruptions
+    but frost (optional) at every severity."""
+    return [f"{c}_{s}" for c in BENCHMARK_CORRUPTIONS if c not in NEEDS_PHOTOS for s in SEVERITIES]
+
+
 def _error_sum(accuracy: dict[str, float], corruption: str) -> float:
     return sum(1 - accuracy[f"{corruption}_{s}"] for s in SEVERITIES)
 
@@ -101,9 +107,8 @@ def mean_corruption_error(accuracy: dict[str, float], baseline: dict[str, float]
     """mCE over `mce_corruptions(accuracy)` (else None): the mean over corruptions c of CE_c = the sum
     over severities of the error / the same sum for the baseline. The baseline is another run's
     accuracies (`baseline`; over the corruptions both runs hold; None if it makes no error on one), by
-    default AlexNet's
-    published ImageNet-C errors, comparable with published mCE only on ImageNet with ImageNet-C's
-    parameters, and over all 15."""
+    default AlexNet's published ImageNet-C errors, comparable with published mCE only on ImageNet with
+    ImageNet-C's parameters, and over all 15."""
     names = mce_corruptions(accuracy, baseline)
     if names is None:
         return None

@@ -100,8 +100,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: i
     baseline_results = None
     if baseline:
         names = [p.name for p in config_lib.eval_perturbations(config, sweeps=True)]
-        if not all(f"{c}_{s}" in names for c in conditions.BENCHMARK_CORRUPTIONS if c not in conditions.NEEDS_PHOTOS
-                   for s in conditions.SEVERITIES):
+        if not all(name in names for name in conditions.mce_needed_names()):
             raise ConfigError(f"--baseline={baseline}: mCE needs this run evaluated on the common-corruption suite; "
                               "add 'corruptions' to config.sweep_evals (or config.evals)")
         baseline_results = results.read_baseline(baseline)

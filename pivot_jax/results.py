@@ -67,8 +67,7 @@ def read_baseline(run_dir) -> dict:
                           f"suite first (python -m pivot_jax.evaluate --workdir={run_dir} "
                           "--config.sweep_evals=\"('corruptions',)\")")
     accuracy = found["accuracy"]
-    needed = ["clean", *(f"{c}_{s}" for c in conditions.BENCHMARK_CORRUPTIONS if c not in conditions.NEEDS_PHOTOS
-                         for s in conditions.SEVERITIES)]
+    needed = ["clean", *conditions.mce_needed_names()]
     missing = [name for name in needed if name not in accuracy]
     if missing:
         raise ConfigError(f"--baseline={run_dir}: its eval/results.json lacks {len(missing)} of the conditions that "
