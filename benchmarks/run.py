@@ -247,6 +247,32 @@ def run_peer(batch: int, steps: int) -> dict | None:
     return json.loads(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else None
 
 
+def head_to_head(rounds: int, steps: int, note) -> dict:
+    """The headline figures: the ResNet-20 pivot and clean steps (batch 128, oneDNN, freed memory kept)
+    and the PyTorch peer, each `rounds` times in fresh processes, in turn, the order reversed every
+    other round so that neither side always runs first on a machine whose speed drifts. Returns each
+    round's figures and the medians over rounds; the peer is left out when torch is missing."""
+    def ours(mode):
+        return run_worker("step", YNN_CONV_OFF, mode=mode, steps=steps, conv="onednn", malloc="kept")
+
+    names = ("peer", "pivot", "clean")
+    by_round = []
+    for round_index in range(rounds):
+        figures = {}
+        for name in names if round_index % 2 == 0 else reversed(names):
+            figures[name] = run_peer(128, steps) if name == "peer" else ours(name)
+        if figures["peer"] is None:
+            del figures["peer"]
+        by_round.append(figures)
+        note(f"round {round_index + 1} of {rounds} (images/s)",
+             " / ".join(f"{name} {figures[name]['images_per_s']:.0f}" for name in names if name in figures))
+    median = {name: {key: statistics.median(r[name][key] for r in by_round)
+                     for key in ("images_per_s", "step_ms") + (("gflops_per_s", "gflop_per_step") if name != "peer" else ())}
+              for name in names if name in by_round[0]}
+    return {"rounds": [{name: r[name]["images_per_s"] for name in r} for r in by_round], "median": median,
+            "peer_version": by_round[0]["peer"]["version"] if "peer" in by_round[0] else None}
+
+
 def machine() -> dict:
     import jax
     import jaxlib
@@ -260,47 +286,40 @@ def machine() -> dict:
             "jaxlib": jaxlib.__version__, "xla_flags_default": YNN_CONV_OFF, "platform": platform.platform()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer steps, no ResNet-18 at 224; under 5 minutes")
-    parser.add_argument("--json", help="write the figures and the machine description here")
-    parser.add_argument("--mnist-data-dir", help="a TFDS data dir with mnist prepared (loop and eval rows)")
-    parser.add_argument("--cifar-folder", help="the CIFAR-10 JPEG copy unpacked (CIFAR loop row)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--dataset", default="cifar10", help=argparse.SUPPRESS)
-    parser.add_argument("--mode", default="clean", help=argparse.SUPPRESS)
-    parser.add_argument("--perturb", default="noise", help=argparse.SUPPRESS)
-    parser.add_argument("--batch", type=int, default=128, help=argparse.SUPPRESS)
-    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
-    parser.add_argument("--conv", default="auto", help=argparse.SUPPRESS)
-    parser.add_argument("--malloc", default="kept", choices=("kept", "system"), help=argparse.SUPPRESS)
-    parser.add_argument("--model", default="", help=argparse.SUPPRESS)
-    parser.add_argument("--image-size", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--steps", type=int, default=10, help=argparse.SUPPRESS)
-    parser.add_argument("--num-processes", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--process-id", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, default=12371, help=argparse.SUPPRESS)
-    parser.add_argument("--loop-short", type=int, default=40, help=argparse.SUPPRESS)
-    parser.add_argument("--loop-long", type=int, default=240, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(WORKERS[args.worker](args)))
-        return
-
-    steps = 8 if args.quick else 20
-    figures: dict = {"machine": machine(), "quick": args.quick, "step_images_per_s": {}, "skipped": {}}
-    rows: list[tuple[str, str]] = []
-
-    def note(label, value):
-        rows.append((label, value))
-        print(f"{label:60s} {value}", flush=True)
-
+def measure_headline(args, steps: int, figures: dict, note) -> None:
+    """The figures with a goal: matmul FLOP/s, then the pivot and clean steps against the peer in rounds."""
     figures["matmul_gflops"] = run_worker("matmul", YNN_CONV_OFF, steps=steps)["matmul_gflops"]
     note("f32 matmul 2048^3 (GFLOP/s)", f"{figures['matmul_gflops']:.0f}")
 
+    headline = head_to_head(args.rounds, steps, note)
+    figures["head_to_head"] = headline
+    ours = headline["median"]
+    figures["step_images_per_s"]["resnet20_b128"] = {m: ours[m]["images_per_s"] for m in ("clean", "pivot")}
+    figures["gflop_per_step"] = ours["pivot"]["gflop_per_step"]
+    figures["mfu"] = ours["pivot"]["gflops_per_s"] / figures["matmul_gflops"]
+    figures["pivot_over_clean"] = ours["pivot"]["step_ms"] / ours["clean"]["step_ms"]
+    note(f"ResNet-20 b128 pivot / clean, oneDNN, medians of {args.rounds} (images/s)",
+         f"{ours['pivot']['images_per_s']:.0f} / {ours['clean']['images_per_s']:.0f}")
+    note("mfu (pivot step FLOP/s over matmul FLOP/s)", f"{figures['mfu']:.3f}")
+    note("pivot_over_clean (step time)", f"{figures['pivot_over_clean']:.3f}")
+    if "peer" in ours:
+        figures["peer"] = {"version": headline["peer_version"], **ours["peer"]}
+        figures["ratio_to_peer"] = ours["pivot"]["images_per_s"] / ours["peer"]["images_per_s"]
+        by_round = [r["pivot"] / r["peer"] for r in headline["rounds"]]
+        note(f"PyTorch {headline['peer_version']} peer, channels_last, median (images/s)",
+             f"{ours['peer']['images_per_s']:.0f}")
+        note("ratio_to_peer (pivot_jax pivot / PyTorch; medians, then each round)",
+             f"{figures['ratio_to_peer']:.2f} ({', '.join(f'{r:.2f}' for r in by_round)})")
+    else:
+        figures["skipped"]["peer"] = "torch is not installed (pip install torch==2.13.0)"
+        note("PyTorch peer", "skipped: torch not installed")
+
+
+def measure_parts(args, steps: int, figures: dict, note) -> None:
+    """What each part buys and how the step scales: one run a row."""
     # Train-step throughput: what each part buys, in order (XLA's defaults; the YNNPACK convolution
-    # fusion off; oneDNN's convolutions; glibc keeping freed memory), both modes; then the default
-    # (all of them) in bfloat16.
+    # fusion off; oneDNN's convolutions; glibc keeping freed memory), both modes. One run each: these
+    # rows compare parts; the headline above has the medians.
     variants = (("xla_defaults", "XLA defaults", "", "xla", "system"),
                 ("xla_system_malloc", "XLA, YNNPACK conv off", YNN_CONV_OFF, "xla", "system"),
                 ("onednn_system_malloc", "oneDNN conv", YNN_CONV_OFF, "onednn", "system"),
@@ -312,17 +331,11 @@ def main() -> None:
             result = run_worker("step", flags, mode=mode, steps=steps, conv=conv, malloc=malloc)
             steps_by[(key, mode)] = result
             note(f"ResNet-20 b128 32x32 {mode}, {label} (images/s)", f"{result['images_per_s']:.0f}")
-    ours = {mode: steps_by[("onednn", mode)] for mode in ("clean", "pivot")}
-    figures["step_images_per_s"]["resnet20_b128"] = {m: r["images_per_s"] for m, r in ours.items()}
-    for key in ("xla", "xla_defaults", "xla_system_malloc", "onednn_system_malloc"):
+    for key in ("onednn", "xla", "xla_defaults", "xla_system_malloc", "onednn_system_malloc"):
         figures["step_images_per_s"][f"resnet20_b128_{key}"] = {
             m: steps_by[(key, m)]["images_per_s"] for m in ("clean", "pivot")}
-    figures["gflop_per_step"] = ours["pivot"]["gflop_per_step"]
-    figures["mfu"] = ours["pivot"]["gflops_per_s"] / figures["matmul_gflops"]
     figures["mfu_xla"] = steps_by[("xla", "pivot")]["gflops_per_s"] / figures["matmul_gflops"]
-    figures["pivot_over_clean"] = ours["pivot"]["step_ms"] / ours["clean"]["step_ms"]
-    note("mfu (pivot step FLOP/s over matmul FLOP/s): oneDNN / XLA", f"{figures['mfu']:.3f} / {figures['mfu_xla']:.3f}")
-    note("pivot_over_clean (step time)", f"{figures['pivot_over_clean']:.3f}")
+    note("mfu of XLA's convolution (pivot step, one run)", f"{figures['mfu_xla']:.3f}")
     bf16 = run_worker("step", YNN_CONV_OFF, mode="pivot", dtype="bfloat16", steps=steps, conv="onednn")
     figures["step_images_per_s"]["resnet20_b128"]["pivot_bfloat16"] = bf16["images_per_s"]
     note("ResNet-20 b128 pivot, bfloat16 compute, oneDNN (images/s)", f"{bf16['images_per_s']:.0f}")
@@ -351,16 +364,6 @@ def main() -> None:
                 figures["step_images_per_s"].setdefault("resnet18_b16_224", {})[f"{mode}_{conv}"] = result["images_per_s"]
                 note(f"ResNet-18 b16 224x224 {mode}, {conv} (images/s)", f"{result['images_per_s']:.1f}")
 
-    peer = run_peer(128, steps)
-    if peer:
-        figures["peer"] = peer
-        figures["ratio_to_peer"] = ours["pivot"]["images_per_s"] / peer["images_per_s"]
-        note(f"PyTorch {peer['version']} peer, channels_last (images/s)", f"{peer['images_per_s']:.0f}")
-        note("ratio_to_peer (pivot_jax pivot / PyTorch)", f"{figures['ratio_to_peer']:.2f}")
-    else:
-        figures["skipped"]["peer"] = "torch is not installed (pip install torch==2.13.0)"
-        note("PyTorch peer", "skipped: torch not installed")
-
     perturb = run_worker("perturb", YNN_CONV_OFF, steps=steps)
     figures["perturb_ms"] = perturb
     for kind in ("noise", "lr", "mr"):
@@ -377,6 +380,9 @@ def main() -> None:
     figures["scaling"]["2_processes_x_1_device"] = result["images_per_s"]
     note("ResNet-20 b128 pivot on 2 processes x 1 device (images/s)", f"{result['images_per_s']:.0f}")
 
+
+def measure_loops(args, steps: int, figures: dict, note) -> None:
+    """The whole training loop against the bare step (loop_over_step)."""
     figures["loop_over_step"] = {}
     loop_rows = (("mnist", args.mnist_data_dir, "--mnist-data-dir"), ("cifar10", args.cifar_folder, "--cifar-folder"))
     for dataset, source, flag in loop_rows:
@@ -388,14 +394,26 @@ def main() -> None:
         if args.quick:
             options.update(loop_short=20, loop_long=120)
         for conv in ("xla", "onednn"):
-            loop = run_worker("loop", "", dataset=dataset, conv=conv, **options)
-            bare = run_worker("step", YNN_CONV_OFF, dataset=dataset, mode="pivot", steps=steps, conv=conv)
-            ratio = loop["loop_images_per_s"] / bare["images_per_s"]
+            # The default (oneDNN) carries the goal: medians over the rounds, loop and bare step in turn.
+            loops, bares = [], []
+            for round_index in range(args.rounds if conv == "onednn" else 1):
+                for worker in ("loop", "bare") if round_index % 2 == 0 else ("bare", "loop"):
+                    if worker == "loop":
+                        loops.append(run_worker("loop", "", dataset=dataset, conv=conv, **options)["loop_images_per_s"])
+                    else:
+                        bares.append(run_worker("step", YNN_CONV_OFF, dataset=dataset, mode="pivot", steps=steps,
+                                                conv=conv)["images_per_s"])
+            loop, bare = statistics.median(loops), statistics.median(bares)
+            ratio = loop / bare
             figures["loop_over_step"][dataset if conv == "onednn" else f"{dataset}_xla"] = ratio
-            figures.setdefault("loop_images_per_s", {})[f"{dataset}_{conv}"] = loop["loop_images_per_s"]
-            note(f"{dataset} pivot loop, {conv}: loop / bare step (images/s)",
-                 f"{loop['loop_images_per_s']:.0f} / {bare['images_per_s']:.0f} = {ratio:.3f}")
+            figures.setdefault("loop_images_per_s", {})[f"{dataset}_{conv}"] = loop
+            figures.setdefault("loop_rounds", {})[f"{dataset}_{conv}"] = {"loop": loops, "bare_step": bares}
+            note(f"{dataset} pivot loop, {conv}: loop / bare step (images/s{', medians' if len(loops) > 1 else ''})",
+                 f"{loop:.0f} / {bare:.0f} = {ratio:.3f}")
 
+
+def measure_evaluation(args, steps: int, figures: dict, note) -> None:
+    """Evaluation throughput over the MNIST test split."""
     if args.mnist_data_dir:
         figures["eval"] = {}
         for conv in ("xla", "onednn"):
@@ -403,6 +421,55 @@ def main() -> None:
             figures["eval"][conv] = evaluation
             note(f"MNIST test split x {evaluation['eval_conditions']} conditions, {conv} (images/s)",
                  f"{evaluation['eval_images_per_s']:.0f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer steps, no ResNet-18 at 224; under 5 minutes")
+    parser.add_argument("--json", help="write the figures and the machine description here")
+    parser.add_argument("--mnist-data-dir", help="a TFDS data dir with mnist prepared (loop and eval rows)")
+    parser.add_argument("--cifar-folder", help="the CIFAR-10 JPEG copy unpacked (CIFAR loop row)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of the headline comparison (pivot and clean steps against the PyTorch "
+                             "peer), whose medians give ratio_to_peer, mfu and pivot_over_clean")
+    parser.add_argument("--only", choices=("headline", "loop"),
+                        help="only the headline (matmul, then the rounds of steps and peer; about a minute and a "
+                             "half a round) or only the loop rows")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--dataset", default="cifar10", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="clean", help=argparse.SUPPRESS)
+    parser.add_argument("--perturb", default="noise", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=128, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--conv", default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--malloc", default="kept", choices=("kept", "system"), help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--image-size", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=10, help=argparse.SUPPRESS)
+    parser.add_argument("--num-processes", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--process-id", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=12371, help=argparse.SUPPRESS)
+    parser.add_argument("--loop-short", type=int, default=40, help=argparse.SUPPRESS)
+    parser.add_argument("--loop-long", type=int, default=240, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](args)))
+        return
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+
+    steps = 8 if args.quick else 20
+    figures: dict = {"machine": machine(), "quick": args.quick, "step_images_per_s": {}, "skipped": {}}
+    rows: list[tuple[str, str]] = []
+
+    def note(label, value):
+        rows.append((label, value))
+        print(f"{label:60s} {value}", flush=True)
+
+    sections = {"headline": (measure_headline,), "loop": (measure_loops,),
+                None: (measure_headline, measure_parts, measure_loops, measure_evaluation)}[args.only]
+    for measure in sections:
+        measure(args, steps, figures, note)
 
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")

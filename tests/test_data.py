@@ -110,6 +110,15 @@ def test_cifar_augmentation_moves_the_box_with_the_pixels():
     assert 5 < flips < 35
 
 
+def test_cifar_crop_equals_cropping_a_zero_padded_copy():
+    image = np.random.default_rng(0).integers(1, 256, (32, 32, 3), dtype=np.uint8)
+    padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
+    for top in range(9):
+        for left in range(9):
+            np.testing.assert_array_equal(augment.padded_crop(image, top - 4, left - 4),
+                                          padded[top : top + 32, left : left + 32])
+
+
 def test_imagenet_augmentation_output_size():
     rng = np.random.default_rng(0)
     example = {"image": rng.integers(0, 255, (60, 90, 3), dtype=np.uint8), "label": np.int32(1),

@@ -183,6 +183,34 @@ def test_the_benchmark_runs_the_training_step(monkeypatch):
     assert figures["images_per_s"] > 0
 
 
+def test_the_benchmark_headline_alternates_its_order_and_takes_medians(monkeypatch):
+    """ratio_to_peer comes from medians over rounds whose order alternates, so that neither side always
+    runs first on a machine whose speed drifts; without torch the peer is left out."""
+    spec = importlib.util.spec_from_file_location("benchmark_run", REPO / "benchmarks" / "run.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    calls, speeds = [], {"pivot": iter([400, 500, 300]), "clean": iter([410, 520, 390]),
+                         "peer": iter([450, 420, 600])}
+
+    def figures(name):
+        calls.append(name)
+        images = next(speeds[name])
+        return {"images_per_s": images, "step_ms": 128e3 / images, "gflops_per_s": images / 10, "gflop_per_step": 29.0}
+
+    monkeypatch.setattr(benchmark, "run_worker", lambda worker, flags, mode, **options: figures(mode))
+    monkeypatch.setattr(benchmark, "run_peer", lambda batch, steps: {**figures("peer"), "version": "x"})
+    headline = benchmark.head_to_head(3, 5, lambda label, value: None)
+    assert calls == ["peer", "pivot", "clean", "clean", "pivot", "peer", "peer", "pivot", "clean"]
+    assert headline["rounds"][1] == {"clean": 520, "pivot": 500, "peer": 420}
+    assert headline["median"]["pivot"]["images_per_s"] == 400 and headline["median"]["peer"]["images_per_s"] == 450
+    assert headline["median"]["clean"]["images_per_s"] == 410 and headline["peer_version"] == "x"
+
+    speeds.update(pivot=iter([100]), clean=iter([100]))
+    monkeypatch.setattr(benchmark, "run_peer", lambda batch, steps: None)
+    headline = benchmark.head_to_head(1, 5, lambda label, value: None)
+    assert set(headline["median"]) == {"pivot", "clean"} and headline["peer_version"] is None
+
+
 def _imports(path: pathlib.Path) -> set[str]:
     """The pivot_jax modules a file imports, at any depth of the file (lazy imports included)."""
     names = set()
