@@ -266,11 +266,12 @@ def head_to_head(rounds: int, steps: int, note) -> dict:
         by_round.append(figures)
         note(f"round {round_index + 1} of {rounds} (images/s)",
              " / ".join(f"{name} {figures[name]['images_per_s']:.0f}" for name in names if name in figures))
+    measured = [name for name in names if all(name in r for r in by_round)]  # the peer can fail in a round
     median = {name: {key: statistics.median(r[name][key] for r in by_round)
                      for key in ("images_per_s", "step_ms") + (("gflops_per_s", "gflop_per_step") if name != "peer" else ())}
-              for name in names if name in by_round[0]}
+              for name in measured}
     return {"rounds": [{name: r[name]["images_per_s"] for name in r} for r in by_round], "median": median,
-            "peer_version": by_round[0]["peer"]["version"] if "peer" in by_round[0] else None}
+            "peer_version": by_round[0]["peer"]["version"] if "peer" in measured else None}
 
 
 def machine() -> dict:
