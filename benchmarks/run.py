@@ -247,25 +247,37 @@ def run_peer(batch: int, steps: int) -> dict | None:
     return json.loads(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else None
 
 
-def head_to_head(rounds: int, steps: int, note) -> dict:
-    """The headline figures: the ResNet-20 pivot and clean steps (batch 128, oneDNN, freed memory kept)
-    and the PyTorch peer, each `rounds` times in fresh processes, in turn, the order reversed every
-    other round so that neither side always runs first on a machine whose speed drifts. Returns each
-    round's figures and the medians over rounds; the peer is left out when torch is missing."""
-    def ours(mode):
-        return run_worker("step", YNN_CONV_OFF, mode=mode, steps=steps, conv="onednn", malloc="kept")
-
-    names = ("peer", "pivot", "clean")
+def in_rounds(workers: dict, rounds: int, on_round=None) -> list[dict]:
+    """`rounds` rounds in each of which every worker (name -> callable returning its figures, or None
+    when it cannot run) runs once, in turn, the order reversed every other round so that neither side
+    always runs first on a machine whose speed drifts. Returns each round's {name: figures}, in the
+    workers' order; `on_round(index, figures)` is called as each round ends."""
     by_round = []
     for round_index in range(rounds):
-        figures = {}
-        for name in names if round_index % 2 == 0 else reversed(names):
-            figures[name] = run_peer(128, steps) if name == "peer" else ours(name)
-        if figures["peer"] is None:
-            del figures["peer"]
+        order = list(workers) if round_index % 2 == 0 else list(reversed(workers))
+        figures = {name: workers[name]() for name in order}
+        figures = {name: figures[name] for name in workers if figures[name] is not None}
         by_round.append(figures)
+        if on_round:
+            on_round(round_index, figures)
+    return by_round
+
+
+def head_to_head(rounds: int, steps: int, note) -> dict:
+    """The headline figures: the ResNet-20 pivot and clean steps (batch 128, oneDNN, freed memory kept)
+    and the PyTorch peer, `in_rounds` of fresh processes. Returns each round's figures and the medians
+    over rounds; the peer is left out when torch is missing."""
+    def ours(mode):
+        return lambda: run_worker("step", YNN_CONV_OFF, mode=mode, steps=steps, conv="onednn", malloc="kept")
+
+    names = ("peer", "pivot", "clean")
+
+    def report(round_index, figures):
         note(f"round {round_index + 1} of {rounds} (images/s)",
              " / ".join(f"{name} {figures[name]['images_per_s']:.0f}" for name in names if name in figures))
+
+    by_round = in_rounds({"peer": lambda: run_peer(128, steps), "pivot": ours("pivot"), "clean": ours("clean")},
+                         rounds, report)
     measured = [name for name in names if all(name in r for r in by_round)]  # the peer can fail in a round
     median = {name: {key: statistics.median(r[name][key] for r in by_round)
                      for key in ("images_per_s", "step_ms") + (("gflops_per_s", "gflop_per_step") if name != "peer" else ())}
@@ -396,14 +408,12 @@ def measure_loops(args, steps: int, figures: dict, note) -> None:
             options.update(loop_short=20, loop_long=120)
         for conv in ("xla", "onednn"):
             # The default (oneDNN) carries the goal: medians over the rounds, loop and bare step in turn.
-            loops, bares = [], []
-            for round_index in range(args.rounds if conv == "onednn" else 1):
-                for worker in ("loop", "bare") if round_index % 2 == 0 else ("bare", "loop"):
-                    if worker == "loop":
-                        loops.append(run_worker("loop", "", dataset=dataset, conv=conv, **options)["loop_images_per_s"])
-                    else:
-                        bares.append(run_worker("step", YNN_CONV_OFF, dataset=dataset, mode="pivot", steps=steps,
-                                                conv=conv)["images_per_s"])
+            by_round = in_rounds({
+                "loop": lambda: run_worker("loop", "", dataset=dataset, conv=conv, **options)["loop_images_per_s"],
+                "bare": lambda: run_worker("step", YNN_CONV_OFF, dataset=dataset, mode="pivot", steps=steps,
+                                           conv=conv)["images_per_s"],
+            }, args.rounds if conv == "onednn" else 1)
+            loops, bares = [r["loop"] for r in by_round], [r["bare"] for r in by_round]
             loop, bare = statistics.median(loops), statistics.median(bares)
             ratio = loop / bare
             figures["loop_over_step"][dataset if conv == "onednn" else f"{dataset}_xla"] = ratio
@@ -461,10 +471,8 @@ def main() -> None:
 
     steps = 8 if args.quick else 20
     figures: dict = {"machine": machine(), "quick": args.quick, "step_images_per_s": {}, "skipped": {}}
-    rows: list[tuple[str, str]] = []
 
     def note(label, value):
-        rows.append((label, value))
         print(f"{label:60s} {value}", flush=True)
 
     sections = {"headline": (measure_headline,), "loop": (measure_loops,),

@@ -1,6 +1,7 @@
 """The training loop, the train step and the evaluator on synthetic data: these need no data beside
 the repository, so they run on any fresh machine (the real-data versions are in test_train.py)."""
 
+import argparse
 import ast
 import dataclasses
 import importlib.util
@@ -209,6 +210,29 @@ def test_the_benchmark_headline_alternates_its_order_and_takes_medians(monkeypat
     monkeypatch.setattr(benchmark, "run_peer", lambda batch, steps: None)
     headline = benchmark.head_to_head(1, 5, lambda label, value: None)
     assert set(headline["median"]) == {"pivot", "clean"} and headline["peer_version"] is None
+
+
+def test_the_benchmark_loop_rows_alternate_their_order_and_take_medians(monkeypatch):
+    """loop_over_step is the median loop over the median bare step, the two run in turn, the order
+    reversed every other round; the XLA rows run one round."""
+    spec = importlib.util.spec_from_file_location("benchmark_run", REPO / "benchmarks" / "run.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    calls, speeds = [], {"loop": iter([90, 100, 80, 70]), "step": iter([100, 50, 200, 100])}
+
+    def worker(name, flags, dataset, conv, **options):
+        calls.append((name, conv))
+        return {"loop_images_per_s" if name == "loop" else "images_per_s": next(speeds[name])}
+
+    monkeypatch.setattr(benchmark, "run_worker", worker)
+    args = argparse.Namespace(mnist_data_dir="", cifar_folder="/folder", quick=False, rounds=3)
+    figures = {"skipped": {}}
+    benchmark.measure_loops(args, 5, figures, lambda label, value: None)
+    assert calls == [("loop", "xla"), ("step", "xla"), ("loop", "onednn"), ("step", "onednn"),
+                     ("step", "onednn"), ("loop", "onednn"), ("loop", "onednn"), ("step", "onednn")]
+    assert figures["loop_over_step"] == {"cifar10_xla": 0.9, "cifar10": 80 / 100}
+    assert figures["loop_rounds"]["cifar10_onednn"] == {"loop": [100, 80, 70], "bare_step": [50, 200, 100]}
+    assert figures["skipped"] == {"loop_mnist": "no --mnist-data-dir"}
 
 
 def _imports(path: pathlib.Path) -> set[str]:
