@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import platform
@@ -148,33 +149,36 @@ def worker_perturb(args) -> dict:
 
 
 def worker_loop(args) -> dict:
-    """Images/s of the whole training loop (input pipeline, metrics, checkpoints), from the
-    difference of two runs of different length so that start-up, compilation and the final
-    evaluation cancel out."""
+    """Images/s of the whole training loop (input pipeline, metrics, checkpoints) in its steady state:
+    one run of `loop_long` steps, timed from the metrics it writes after step `loop_short` to those
+    after its last step (each written once the steps before it have finished), so that start-up,
+    compilation, the first steps and the final evaluation are left out."""
+    import tensorflow as tf
+
     from pivot_jax import config_lib, runtime, train
 
     runtime.configure_cpu_defaults()
-    arg = "mode=pivot,perturb=noise"
-    timings = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for steps in (args.loop_short, args.loop_long):
-            config = config_lib.load_config(f"{REPO / 'configs' / args.dataset}.py:{arg}")
-            config.model.conv = args.conv
-            if args.dataset == "mnist":
-                config.data.data_dir = args.mnist_data_dir
-            else:
-                config.data.name, config.data.folder = "folder", args.cifar_folder
-            config.num_train_steps = steps
-            config.checkpoint_every_steps = 100  # more often than the configs do: a conservative figure
-            config.log_every_steps = 50
-            config.eval_every_steps = 10 * steps  # the loop only; evaluation is measured separately
-            config.evals = ("clean",)
-            config.data.test_examples = 512
-            start = time.perf_counter()
-            train.train_and_evaluate(config, f"{tmp}/{steps}")
-            timings[steps] = time.perf_counter() - start
-    seconds_per_step = (timings[args.loop_long] - timings[args.loop_short]) / (args.loop_long - args.loop_short)
-    return {"loop_images_per_s": 128 / seconds_per_step, "loop_step_ms": 1e3 * seconds_per_step}
+    config = config_lib.load_config(f"{REPO / 'configs' / args.dataset}.py:mode=pivot,perturb=noise")
+    config.model.conv = args.conv
+    if args.dataset == "mnist":
+        config.data.data_dir = args.mnist_data_dir
+    else:
+        config.data.name, config.data.folder = "folder", args.cifar_folder
+    config.num_train_steps = args.loop_long
+    config.checkpoint_every_steps = 100  # more often than the configs do: a conservative figure
+    config.log_every_steps = math.gcd(args.loop_short, args.loop_long)
+    config.eval_every_steps = 10 * args.loop_long  # the loop only; evaluation is measured separately
+    config.evals = ("clean",)
+    config.data.test_examples = 512
+    with tempfile.TemporaryDirectory() as workdir:
+        train.train_and_evaluate(config, workdir)
+        written = {}  # step -> when the training metrics of the steps up to it were written
+        for path in pathlib.Path(workdir).glob("events.out.tfevents.*"):
+            for event in tf.compat.v1.train.summary_iterator(str(path)):
+                if any(value.tag == "train/loss" for value in event.summary.value):
+                    written[event.step] = event.wall_time
+    seconds_per_step = (written[args.loop_long] - written[args.loop_short]) / (args.loop_long - args.loop_short)
+    return {"loop_images_per_s": config.batch_size / seconds_per_step, "loop_step_ms": 1e3 * seconds_per_step}
 
 
 def worker_eval(args) -> dict:
