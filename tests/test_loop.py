@@ -151,11 +151,17 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch(synthetic_config):
     assert {"l_org", "l_perturb", "l_dist", "grad_norm", "accuracy_clean", "accuracy_perturbed"} <= set(metrics)
 
 
-def test_the_benchmark_runs_the_training_step(monkeypatch):
-    """benchmarks/run.py measures the step that `train_step.build` makes, nothing of its own."""
+@pytest.fixture
+def benchmark_script():
+    """benchmarks/run.py as a module (it is a script, outside the package), loaded afresh for each test."""
     spec = importlib.util.spec_from_file_location("benchmark_run", REPO / "benchmarks" / "run.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_runs_the_training_step(benchmark_script, monkeypatch):
+    """benchmarks/run.py measures the step that `train_step.build` makes, nothing of its own."""
     built, real_build = [], train_step.build
 
     class RecordingStep:
@@ -173,10 +179,10 @@ def test_the_benchmark_runs_the_training_step(monkeypatch):
         return step_fns
 
     monkeypatch.setattr(train_step, "build", recording_build)
-    args = benchmark.argparse.Namespace(num_processes=1, dataset="cifar10", mode="pivot", perturb="noise",
+    args = argparse.Namespace(num_processes=1, dataset="cifar10", mode="pivot", perturb="noise",
                                         batch=16, dtype="float32", image_size=0, steps=2, conv="auto",
                                         model="", malloc="system")
-    figures = benchmark.worker_step(args)
+    figures = benchmark_script.worker_step(args)
     # The step it times, and the same step with XLA's convolutions for counting FLOPs.
     (config, step_fns), = [(c, s) for c, s in built if c.model.conv == args.conv]
     assert config.loss.mode == "pivot" and config.batch_size == 16 and config.data.mean == "pixel"
@@ -184,12 +190,9 @@ def test_the_benchmark_runs_the_training_step(monkeypatch):
     assert figures["images_per_s"] > 0
 
 
-def test_the_benchmark_headline_alternates_its_order_and_takes_medians(monkeypatch):
+def test_the_benchmark_headline_alternates_its_order_and_takes_medians(benchmark_script, monkeypatch):
     """ratio_to_peer comes from medians over rounds whose order alternates, so that neither side always
     runs first on a machine whose speed drifts; without torch the peer is left out."""
-    spec = importlib.util.spec_from_file_location("benchmark_run", REPO / "benchmarks" / "run.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
     calls, speeds = [], {"pivot": iter([400, 500, 300]), "clean": iter([410, 520, 390]),
                          "peer": iter([450, 420, 600])}
 
@@ -198,36 +201,33 @@ def test_the_benchmark_headline_alternates_its_order_and_takes_medians(monkeypat
         images = next(speeds[name])
         return {"images_per_s": images, "step_ms": 128e3 / images, "gflops_per_s": images / 10, "gflop_per_step": 29.0}
 
-    monkeypatch.setattr(benchmark, "run_worker", lambda worker, flags, mode, **options: figures(mode))
-    monkeypatch.setattr(benchmark, "run_peer", lambda batch, steps: {**figures("peer"), "version": "x"})
-    headline = benchmark.head_to_head(3, 5, lambda label, value: None)
+    monkeypatch.setattr(benchmark_script, "run_worker", lambda worker, flags, mode, **options: figures(mode))
+    monkeypatch.setattr(benchmark_script, "run_peer", lambda batch, steps: {**figures("peer"), "version": "x"})
+    headline = benchmark_script.head_to_head(3, 5, lambda label, value: None)
     assert calls == ["peer", "pivot", "clean", "clean", "pivot", "peer", "peer", "pivot", "clean"]
     assert headline["rounds"][1] == {"clean": 520, "pivot": 500, "peer": 420}
     assert headline["median"]["pivot"]["images_per_s"] == 400 and headline["median"]["peer"]["images_per_s"] == 450
     assert headline["median"]["clean"]["images_per_s"] == 410 and headline["peer_version"] == "x"
 
     speeds.update(pivot=iter([100]), clean=iter([100]))
-    monkeypatch.setattr(benchmark, "run_peer", lambda batch, steps: None)
-    headline = benchmark.head_to_head(1, 5, lambda label, value: None)
+    monkeypatch.setattr(benchmark_script, "run_peer", lambda batch, steps: None)
+    headline = benchmark_script.head_to_head(1, 5, lambda label, value: None)
     assert set(headline["median"]) == {"pivot", "clean"} and headline["peer_version"] is None
 
 
-def test_the_benchmark_loop_rows_alternate_their_order_and_take_medians(monkeypatch):
+def test_the_benchmark_loop_rows_alternate_their_order_and_take_medians(benchmark_script, monkeypatch):
     """loop_over_step is the median loop over the median bare step, the two run in turn, the order
     reversed every other round; the XLA rows run one round."""
-    spec = importlib.util.spec_from_file_location("benchmark_run", REPO / "benchmarks" / "run.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
     calls, speeds = [], {"loop": iter([90, 100, 80, 70]), "step": iter([100, 50, 200, 100])}
 
     def worker(name, flags, dataset, conv, **options):
         calls.append((name, conv))
         return {"loop_images_per_s" if name == "loop" else "images_per_s": next(speeds[name])}
 
-    monkeypatch.setattr(benchmark, "run_worker", worker)
+    monkeypatch.setattr(benchmark_script, "run_worker", worker)
     args = argparse.Namespace(mnist_data_dir="", cifar_folder="/folder", quick=False, rounds=3)
     figures = {"skipped": {}}
-    benchmark.measure_loops(args, 5, figures, lambda label, value: None)
+    benchmark_script.measure_loops(args, 5, figures, lambda label, value: None)
     assert calls == [("loop", "xla"), ("step", "xla"), ("loop", "onednn"), ("step", "onednn"),
                      ("step", "onednn"), ("loop", "onednn"), ("loop", "onednn"), ("step", "onednn")]
     assert figures["loop_over_step"] == {"cifar10_xla": 0.9, "cifar10": 80 / 100}
