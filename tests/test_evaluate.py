@@ -2,6 +2,8 @@
 
 import json
 import os
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import CONFIGS, EIGHT_DEVICES, ONE_DEVICE, REPO, run_train
-from pivot_jax import checkpoint, config_lib, data, evaluate, models, report
+from pivot_jax import checkpoint, config_lib, data, evaluate, models, report, results
 from test_train import logged_scalars, saved_params
 
 
@@ -221,6 +223,36 @@ def test_report_gives_the_suite_mean_and_mce_against_a_baseline(tmp_path):
     assert "| Pivot loss (Ours) | 0, 1 | 17 | 75.00 ± 7.07 |\n" in without and "relative mCE" not in without
     with pytest.raises(ConfigError, match="--baseline=.*mixed: its eval/results.json lacks 70 of the"):
         report.write_report(runs, tmp_path / "out3", baseline=str(tmp_path / "mixed"))
+
+
+@pytest.mark.parametrize("committed", sorted(str(path.relative_to(REPO))
+                                              for path in (REPO / "docs" / "results").glob("**/report.md")))
+def test_the_committed_reports_are_what_their_runs_give(committed, monkeypatch):
+    """docs/results: each report.md, rebuilt from the run directories, title, columns and baseline it
+    names, is the text committed; a run added or changed without rerunning the report fails here."""
+    monkeypatch.chdir(REPO)  # the reports name their runs relative to the repository
+    text = (REPO / committed).read_text()
+    lines = text.splitlines()
+    title = lines[0].removeprefix("## ") if lines[0].startswith("## ") else ""
+    header = next(line for line in lines if line.startswith("| training | ") and line.endswith(" | seeds | steps |"))
+    columns = [cell.strip() for cell in header.split("|")[2:-3]]
+    run_dirs = re.findall(r"`([^`]+)`", next(line for line in lines if line.startswith("Runs: ")))
+    baseline = re.search(r"mCE and relative mCE against `([^`]+)`", text)
+    rebuilt = report.build_report([report.load_run(d) for d in run_dirs], columns, title,
+                                  results.read_baseline(baseline.group(1)) if baseline else None)
+    assert rebuilt == text
+
+
+def test_every_committed_run_beside_a_report_is_in_one():
+    reports = list((REPO / "docs" / "results").glob("**/report.md"))
+    assert reports
+    for folder in {path.parent.parent for path in reports}:
+        named = set()
+        for path in folder.glob("*/report.md"):
+            runs_line = next(line for line in path.read_text().splitlines() if line.startswith("Runs: "))
+            named |= {pathlib.PurePosixPath(d).name for d in re.findall(r"`([^`]+)`", runs_line)}
+        runs = {path.parent.name for path in folder.glob("*/config.json")}
+        assert runs and runs <= named, f"{folder}: runs in no report: {sorted(runs - named)}"
 
 
 def test_paired_difference_verdicts():
