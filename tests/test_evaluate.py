@@ -225,6 +225,11 @@ def test_report_gives_the_suite_mean_and_mce_against_a_baseline(tmp_path):
         report.write_report(runs, tmp_path / "out3", baseline=str(tmp_path / "mixed"))
 
 
+def named_runs(report_text: str) -> list[str]:
+    """The run directories a report.md names on its closing "Runs:" line."""
+    return re.findall(r"`([^`]+)`", next(line for line in report_text.splitlines() if line.startswith("Runs: ")))
+
+
 @pytest.mark.parametrize("committed", sorted(str(path.relative_to(REPO))
                                               for path in (REPO / "docs" / "results").glob("**/report.md")))
 def test_the_committed_reports_are_what_their_runs_give(committed, monkeypatch):
@@ -236,7 +241,7 @@ def test_the_committed_reports_are_what_their_runs_give(committed, monkeypatch):
     title = lines[0].removeprefix("## ") if lines[0].startswith("## ") else ""
     header = next(line for line in lines if line.startswith("| training | ") and line.endswith(" | seeds | steps |"))
     columns = [cell.strip() for cell in header.split("|")[2:-3]]
-    run_dirs = re.findall(r"`([^`]+)`", next(line for line in lines if line.startswith("Runs: ")))
+    run_dirs = named_runs(text)
     baseline = re.search(r"mCE and relative mCE against `([^`]+)`", text)
     rebuilt = report.build_report([report.load_run(d) for d in run_dirs], columns, title,
                                   results.read_baseline(baseline.group(1)) if baseline else None)
@@ -247,10 +252,8 @@ def test_every_committed_run_beside_a_report_is_in_one():
     reports = list((REPO / "docs" / "results").glob("**/report.md"))
     assert reports
     for folder in {path.parent.parent for path in reports}:
-        named = set()
-        for path in folder.glob("*/report.md"):
-            runs_line = next(line for line in path.read_text().splitlines() if line.startswith("Runs: "))
-            named |= {pathlib.PurePosixPath(d).name for d in re.findall(r"`([^`]+)`", runs_line)}
+        named = {pathlib.PurePosixPath(d).name for path in folder.glob("*/report.md")
+                 for d in named_runs(path.read_text())}
         runs = {path.parent.name for path in folder.glob("*/config.json")}
         assert runs and runs <= named, f"{folder}: runs in no report: {sorted(runs - named)}"
 

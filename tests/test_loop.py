@@ -180,8 +180,8 @@ def test_the_benchmark_runs_the_training_step(benchmark_script, monkeypatch):
 
     monkeypatch.setattr(train_step, "build", recording_build)
     args = argparse.Namespace(num_processes=1, dataset="cifar10", mode="pivot", perturb="noise",
-                                        batch=16, dtype="float32", image_size=0, steps=2, conv="auto",
-                                        model="", malloc="system")
+                              batch=16, dtype="float32", image_size=0, steps=2, conv="auto",
+                              model="", malloc="system")
     figures = benchmark_script.worker_step(args)
     # The step it times, and the same step with XLA's convolutions for counting FLOPs.
     (config, step_fns), = [(c, s) for c, s in built if c.model.conv == args.conv]
