@@ -33,11 +33,13 @@ fi
 
 # The rows: name, config argument and overrides. `noise_pivot` is the paper's form (stop-gradient on
 # the clean logits), which diverges on MNIST at lr 0.1 (docs/results.md); the `_symmetric` rows are
-# the released code's two-way gradient, the form that trains.
+# the released code's two-way gradient, the form that trains. `noise_mixed_paired` is mixed training
+# in the pivot's batch layout, so that the effect of pairing is told apart from that of L_dist.
 rows=(
   "clean|mode=clean|"
   "noise_perturbed|mode=perturbed,perturb=noise|"
   "noise_mixed|mode=mixed,perturb=noise|"
+  "noise_mixed_paired|mode=mixed,perturb=noise|--config.loss.paired=True"
   "noise_pivot|mode=pivot,perturb=noise|"
   "noise_pivot_symmetric|mode=pivot,perturb=noise|--config.loss.symmetric=True"
   "lr_perturbed|mode=perturbed,perturb=lr|"
