@@ -14,6 +14,7 @@
 # (the shortest schedule at which clean-only training reaches its plateau).
 # MNIST comes from TFDS ($TFDS_DATA_DIR); CIFAR-10 from the image folder $CIFAR_FOLDER when it is set.
 # A checkpoint is written every tenth of the schedule, so an interruption costs little.
+# A training stopped for preemption (SIGTERM) ends the script with status 75: run it again to resume.
 # KEEP (a directory, e.g. docs/results) receives each row as soon as it finishes or diverges, without
 # its checkpoints: KEEP/<dataset>_<steps>/<row>_seed<s>/ with config.json, eval/results.json, the sweep
 # plot, the wall time (or diverged.txt), ready to commit; pivot_jax.report reads those directories.
@@ -62,14 +63,16 @@ keep_row() {
   echo "== ${name} seed ${seed}: kept in ${kept}"
 }
 
+# Whether the run's results are those of its last step (the training wrote them when it finished).
+finished_training() { [[ -f "$1/eval/results.json" ]] && grep -q "\"step\": ${steps}," "$1/eval/results.json"; }
+
 # Trains and evaluates one row. A run that stops on a non-finite loss or gradient is recorded as
 # diverged (DIR/diverged.txt holds the error line) and not run again; the other rows go on.
 run_row() {
   local name="$1" arg="$2" overrides="$3" seed="$4"
   local workdir="${root}/${dataset}_${steps}/${name}_seed${seed}"
   local config="${repo}/configs/${dataset}.py:${arg}"
-  if [[ -f "${workdir}/eval/results.json" ]] && grep -q "\"step\": ${steps}," "${workdir}/eval/results.json" \
-      && [[ -f "${workdir}/eval/sweeps.png" ]]; then
+  if finished_training "$workdir" && [[ -f "${workdir}/eval/sweeps.png" ]]; then
     echo "== ${name} seed ${seed}: done"
     return
   fi
@@ -92,6 +95,12 @@ run_row() {
     fi
     echo "== ${name} seed ${seed}: training failed (see ${log})"
     exit 1
+  fi
+  # Training returns cleanly when stopped for preemption (SIGTERM), with a checkpoint: evaluating that
+  # checkpoint would report an unfinished run as done.
+  if ! finished_training "$workdir"; then
+    echo "== ${name} seed ${seed}: $(date -u +%FT%TZ) stopped before step ${steps} (preempted); run the same command to resume"
+    exit 75
   fi
   # shellcheck disable=SC2086
   (cd "$repo" && python -m pivot_jax.evaluate "--config=${config}" "--workdir=${workdir}" \

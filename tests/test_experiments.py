@@ -1,0 +1,129 @@
+"""The experiments/ scripts that produce docs/results: their rows are valid configs the report tells
+apart, and the paper-tables runner skips, resumes, records divergence and stops on preemption as it
+says. The runner is driven with a stand-in for `python`, so no training runs here."""
+
+import json
+import os
+import re
+import subprocess
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from conftest import REPO
+from pivot_jax import config_lib, report
+
+
+def script_rows(script: str) -> list[tuple[str, str, list[str]]]:
+    """The (name, config argument, override flags) rows an experiments/ script runs."""
+    text = (REPO / "experiments" / script).read_text()
+    return [(name, arg, overrides.split()) for name, arg, overrides
+            in re.findall(r'^\s*"([^|"\s]+)\|([^|"]*)\|([^"]*)"$', text, flags=re.MULTILINE)]
+
+
+def parse_like_the_command_line(config_file: str, arg: str, overrides: list[str]) -> dict:
+    argv = ["prog", f"--config={config_file}:{arg}", *overrides]
+    flag_values = flags.FlagValues()
+    # ml_collections finds the override flags in sys_argv (sys.argv unless given).
+    config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    config = flag_values.config
+    config_lib.validate(config, num_devices=1)
+    return json.loads(config.to_json())
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_every_paper_tables_row_is_a_valid_config_with_its_own_report_row(config_path, dataset):
+    """A mistyped flag or a row the report cannot tell from another fails here, not hours into a run."""
+    rows = script_rows("paper_tables.sh")
+    assert len(rows) >= 10
+    seen = {}
+    for name, arg, overrides in rows:
+        config = parse_like_the_command_line(config_path(dataset), arg, overrides)
+        key = (report.row_label(config), tuple(config["perturb"]["kinds"]) if config["loss"]["mode"] != "clean" else ())
+        assert key not in seen, f"{name} and {seen.get(key)} land in one report row {key}"
+        seen[key] = name
+        if name != "clean":
+            assert config["perturb"]["kinds"] == [name.split("_")[0]], name
+
+
+def test_every_divergence_study_variant_changes_the_pivot_setting(config_path):
+    rows = script_rows("divergence_study.sh")
+    assert len(rows) >= 6
+    parsed = {name: parse_like_the_command_line(config_path("mnist"), arg, overrides)
+              for name, arg, overrides in rows}
+    assert parsed["pivot"]["loss"]["mode"] == "pivot"
+    for name, config in parsed.items():
+        assert name == "pivot" or config != parsed["pivot"], f"{name} trains the same setting as pivot"
+
+
+# Stands in for `python`: the training finishes (writing the results of its last step), is preempted
+# (returns cleanly without them, as train.py does after SIGTERM) or diverges, as $FAKE_TRAIN says;
+# every call is recorded in $CALLS.
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+echo "$*" >> "$CALLS"
+for arg in "$@"; do
+  case "$arg" in --workdir=*) workdir="${arg#--workdir=}" ;; --config.num_train_steps=*) steps="${arg#*=}" ;; esac
+done
+case "$2" in
+  pivot_jax.train)
+    mkdir -p "$workdir/eval" && echo '{}' > "$workdir/config.json"
+    case "$FAKE_TRAIN" in
+      finish) printf '{\n  "step": %s,\n  "accuracy": {"clean": 0.9}\n}\n' "$steps" > "$workdir/eval/results.json" ;;
+      preempt) echo "Stopped at step 40 for preemption" ;;
+      diverge) echo "TrainingError: non-finite gradient norm by step 50"; exit 1 ;;
+    esac ;;
+  pivot_jax.evaluate) touch "$workdir/eval/sweeps.png" ;;
+esac
+"""
+
+
+@pytest.fixture
+def paper_tables(tmp_path):
+    """Runs experiments/paper_tables.sh on MNIST, 100 steps, with the stand-in `python`; returns
+    (exit status, output, the modules it ran in order)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(FAKE_PYTHON)
+    (bin_dir / "python").chmod(0o755)
+    calls = tmp_path / "calls.txt"
+
+    def run(fake_train: str, rows: str):
+        calls.write_text("")
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls),
+               "FAKE_TRAIN": fake_train, "ROWS": rows, "KEEP": str(tmp_path / "keep")}
+        done = subprocess.run(["bash", str(REPO / "experiments" / "paper_tables.sh"), "mnist", "100",
+                               str(tmp_path / "runs")], env=env, capture_output=True, text=True, timeout=60)
+        modules = [line.split()[1] for line in calls.read_text().splitlines()]
+        return done.returncode, done.stdout + done.stderr, modules
+
+    return run
+
+
+def test_paper_tables_stops_on_preemption_without_evaluating_the_unfinished_run(paper_tables, tmp_path):
+    status, output, modules = paper_tables("preempt", "clean noise_mixed")
+    assert status == 75, output
+    assert "clean seed 0: " in output and "stopped before step 100 (preempted)" in output
+    assert modules == ["pivot_jax.train"]  # no evaluation, and not the next row
+    assert not (tmp_path / "keep").exists() or not any((tmp_path / "keep").rglob("results.json"))
+
+    status, output, modules = paper_tables("finish", "clean noise_mixed")  # the same command resumes
+    assert status == 0, output
+    assert modules == ["pivot_jax.train", "pivot_jax.evaluate"] * 2 + ["pivot_jax.report"] * 2
+    kept = tmp_path / "keep" / "mnist_100"
+    assert json.loads((kept / "noise_mixed_seed0" / "eval" / "results.json").read_text())["step"] == 100
+
+    status, output, modules = paper_tables("finish", "clean noise_mixed")  # nothing left to train
+    assert status == 0 and modules == ["pivot_jax.report"] * 2, output
+    assert "clean seed 0: done" in output
+
+
+def test_paper_tables_records_a_diverged_row_and_goes_on(paper_tables, tmp_path):
+    status, output, modules = paper_tables("diverge", "noise_pivot noise_mixed")
+    assert status == 0, output
+    assert modules == ["pivot_jax.train", "pivot_jax.train", "pivot_jax.report"]  # the noise report only
+    diverged = tmp_path / "keep" / "mnist_100" / "noise_pivot_seed0" / "diverged.txt"
+    assert "non-finite gradient norm by step 50" in diverged.read_text()
+    status, output, modules = paper_tables("finish", "noise_pivot")  # a diverged row is not run again
+    assert "noise_pivot seed 0: diverged before" in output and "pivot_jax.train" not in modules
