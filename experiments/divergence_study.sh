@@ -8,7 +8,8 @@
 # schedule, which keeps lr = 0.1 until step 4,000), for each seed in SEEDS (default "0 1 2"). A run
 # that diverges stops with the loop's non-finite-loss error, whose step is recorded. Idempotent: a
 # finished or diverged run is not run again. The summary (status, step, accuracy per variant and
-# seed) is written to RUN_ROOT/divergence_STEPS/summary.json and .md.
+# seed) is written to RUN_ROOT/divergence_STEPS/summary.json and .md. A training stopped for
+# preemption (SIGTERM) ends the script with status 75: run it again to resume.
 set -uo pipefail
 steps="${1:?usage: $0 STEPS RUN_ROOT}"
 root="${2:?usage: $0 STEPS RUN_ROOT}"
@@ -42,8 +43,13 @@ for seed in $seeds; do
     (cd "$repo" && python -m pivot_jax.train "--config=${repo}/configs/mnist.py:${arg}" "--workdir=${workdir}" \
         "--config.num_train_steps=${steps}" "--config.seed=${seed}" "--config.optim.lr_boundaries=()" \
         "--config.checkpoint_every_steps=$(( steps / 4 ))" "--config.eval_every_steps=${steps}" \
-        "--config.log_every_steps=50" $overrides) > "$log" 2>&1
-    echo "== ${name} seed ${seed}: exit $? after $((SECONDS - start)) s"
+        "--config.log_every_steps=50" $overrides) >> "$log" 2>&1  # a resumed run's log keeps its start
+    status=$?
+    echo "== ${name} seed ${seed}: exit ${status} after $((SECONDS - start)) s"
+    if (( status == 0 )) && [[ ! -f "${workdir}/eval/results.json" ]]; then
+      echo "== ${name} seed ${seed}: stopped before step ${steps} (preempted); run the same command to resume"
+      exit 75
+    fi
   done
 done
 

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 from absl import flags
@@ -60,8 +61,9 @@ def test_every_divergence_study_variant_changes_the_pivot_setting(config_path):
 
 # Stands in for `python`: the training finishes (writing the results of its last step), is preempted
 # (returns cleanly without them, as train.py does after SIGTERM) or diverges, as $FAKE_TRAIN says;
-# every call is recorded in $CALLS.
+# every `python -m` call is recorded in $CALLS.
 FAKE_PYTHON = r"""#!/usr/bin/env bash
+[[ "$1" == -m ]] || exec "$REAL_PYTHON" "$@"  # the scripts' own summaries run for real
 echo "$*" >> "$CALLS"
 for arg in "$@"; do
   case "$arg" in --workdir=*) workdir="${arg#--workdir=}" ;; --config.num_train_steps=*) steps="${arg#*=}" ;; esac
@@ -80,8 +82,8 @@ esac
 
 
 @pytest.fixture
-def paper_tables(tmp_path):
-    """Runs experiments/paper_tables.sh on MNIST, 100 steps, with the stand-in `python`; returns
+def run_script(tmp_path):
+    """Runs an experiments/ script with the stand-in `python` and RUN_ROOT = tmp_path/runs; returns
     (exit status, output, the modules it ran in order)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -89,16 +91,23 @@ def paper_tables(tmp_path):
     (bin_dir / "python").chmod(0o755)
     calls = tmp_path / "calls.txt"
 
-    def run(fake_train: str, rows: str):
+    def run(script: str, args: list[str], fake_train: str, **env):
         calls.write_text("")
         env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls),
-               "FAKE_TRAIN": fake_train, "ROWS": rows, "KEEP": str(tmp_path / "keep")}
-        done = subprocess.run(["bash", str(REPO / "experiments" / "paper_tables.sh"), "mnist", "100",
-                               str(tmp_path / "runs")], env=env, capture_output=True, text=True, timeout=60)
+               "REAL_PYTHON": sys.executable, "FAKE_TRAIN": fake_train, **env}
+        done = subprocess.run(["bash", str(REPO / "experiments" / script), *args, str(tmp_path / "runs")],
+                              env=env, capture_output=True, text=True, timeout=60)
         modules = [line.split()[1] for line in calls.read_text().splitlines()]
         return done.returncode, done.stdout + done.stderr, modules
 
     return run
+
+
+@pytest.fixture
+def paper_tables(run_script, tmp_path):
+    """experiments/paper_tables.sh on MNIST, 100 steps, the given rows, keeping them in tmp_path/keep."""
+    return lambda fake_train, rows: run_script("paper_tables.sh", ["mnist", "100"], fake_train, ROWS=rows,
+                                               KEEP=str(tmp_path / "keep"))
 
 
 def test_paper_tables_stops_on_preemption_without_evaluating_the_unfinished_run(paper_tables, tmp_path):
@@ -127,3 +136,16 @@ def test_paper_tables_records_a_diverged_row_and_goes_on(paper_tables, tmp_path)
     assert "non-finite gradient norm by step 50" in diverged.read_text()
     status, output, modules = paper_tables("finish", "noise_pivot")  # a diverged row is not run again
     assert "noise_pivot seed 0: diverged before" in output and "pivot_jax.train" not in modules
+
+
+def test_divergence_study_stops_on_preemption_and_resumes_with_its_whole_log(run_script, tmp_path):
+    status, output, modules = run_script("divergence_study.sh", ["100"], "preempt", SEEDS="0")
+    assert status == 75 and "pivot seed 0: stopped before step 100 (preempted)" in output, output
+    assert modules == ["pivot_jax.train"]
+    status, output, modules = run_script("divergence_study.sh", ["100"], "finish", SEEDS="0")
+    assert status == 0, output
+    assert modules == ["pivot_jax.train"] * len(script_rows("divergence_study.sh"))
+    log = (tmp_path / "runs" / "divergence_100" / "pivot_seed0.log").read_text()
+    assert "Stopped at step 40 for preemption" in log  # the first part of the run, kept
+    summary = json.loads((tmp_path / "runs" / "divergence_100" / "summary.json").read_text())
+    assert summary["variants"]["pivot"] == [{"seed": 0, "status": "finished", "step": 100, "accuracy": {"clean": 0.9}}]
