@@ -13,7 +13,8 @@
 # ROWS (default: all) keeps only the named rows, e.g. ROWS=clean for the schedule search
 # (the shortest schedule at which clean-only training reaches its plateau).
 # MNIST comes from TFDS ($TFDS_DATA_DIR); CIFAR-10 from the image folder $CIFAR_FOLDER when it is set.
-# A checkpoint is written every tenth of the schedule, so an interruption costs little.
+# A checkpoint is written every tenth of the schedule, at most 1,000 steps apart, so an interruption
+# costs little.
 # A training stopped for preemption (SIGTERM) ends the script with status 75: run it again to resume.
 # KEEP (a directory, e.g. docs/results) receives each row as soon as it finishes or diverges, without
 # its checkpoints: KEEP/<dataset>_<steps>/<row>_seed<s>/ with config.json, eval/results.json, the sweep
@@ -24,7 +25,7 @@ steps="${2:?usage: $0 mnist|cifar10 STEPS RUN_ROOT}"
 root="${3:?usage: $0 mnist|cifar10 STEPS RUN_ROOT}"
 seeds="${SEEDS:-0}"
 if [[ "$dataset" == cifar10 ]]; then extra_seeds="${EXTRA_SEEDS:-1}"; else extra_seeds="${EXTRA_SEEDS:-}"; fi
-checkpoint_every=$(( (steps + 9) / 10 ))
+checkpoint_every=$(( (steps + 9) / 10 < 1000 ? (steps + 9) / 10 : 1000 ))
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -n "${KEEP:-}" ]]; then KEEP="$(mkdir -p "$KEEP" && cd "$KEEP" && pwd)"; fi
 data=()

@@ -149,3 +149,11 @@ def test_divergence_study_stops_on_preemption_and_resumes_with_its_whole_log(run
     assert "Stopped at step 40 for preemption" in log  # the first part of the run, kept
     summary = json.loads((tmp_path / "runs" / "divergence_100" / "summary.json").read_text())
     assert summary["variants"]["pivot"] == [{"seed": 0, "status": "finished", "step": 100, "accuracy": {"clean": 0.9}}]
+
+
+@pytest.mark.parametrize("steps, every", [(100, 10), (9000, 900), (40000, 1000)])
+def test_paper_tables_checkpoints_every_tenth_of_the_schedule_at_most_1000_steps_apart(run_script, tmp_path,
+                                                                                        steps, every):
+    status, output, modules = run_script("paper_tables.sh", ["cifar10", str(steps)], "preempt", ROWS="clean")
+    assert status == 75 and modules == ["pivot_jax.train"], output
+    assert f"--config.checkpoint_every_steps={every}" in (tmp_path / "calls.txt").read_text().split()
