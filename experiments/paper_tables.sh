@@ -25,7 +25,8 @@ steps="${2:?usage: $0 mnist|cifar10 STEPS RUN_ROOT}"
 root="${3:?usage: $0 mnist|cifar10 STEPS RUN_ROOT}"
 seeds="${SEEDS:-0}"
 if [[ "$dataset" == cifar10 ]]; then extra_seeds="${EXTRA_SEEDS:-1}"; else extra_seeds="${EXTRA_SEEDS:-}"; fi
-checkpoint_every=$(( (steps + 9) / 10 < 1000 ? (steps + 9) / 10 : 1000 ))
+checkpoint_every=$(( (steps + 9) / 10 ))
+(( checkpoint_every <= 1000 )) || checkpoint_every=1000
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -n "${KEEP:-}" ]]; then KEEP="$(mkdir -p "$KEEP" && cd "$KEEP" && pwd)"; fi
 data=()

@@ -151,4 +151,3 @@ def test_a_config_saved_before_a_field_existed_reads_with_its_default(config_pat
     config.optim.warmup_steps = 10
     with pytest.raises(workdirs.TrainingError, match="optim.warmup_steps: 0 -> 10"):
         workdirs.check(tmp_path, config)
-
