@@ -8,8 +8,8 @@
 #
 # Arguments: the data set (mnist or cifar10), the number of training steps (the learning-rate
 # boundaries scale with it), and the root directory of the runs. SEEDS (default "0") lists seeds;
-# EXTRA_SEEDS (default "1" for cifar10) adds seeds for the mixed and pivot rows (both forms) of the
-# noise table.
+# EXTRA_SEEDS (default "1" for cifar10; EXTRA_SEEDS= for none) adds seeds for the mixed and pivot rows
+# (both forms) of the noise table.
 # ROWS (default: all) keeps only the named rows, e.g. ROWS=clean for the schedule search
 # (the shortest schedule at which clean-only training reaches its plateau).
 # MNIST comes from TFDS ($TFDS_DATA_DIR); CIFAR-10 from the image folder $CIFAR_FOLDER when it is set.
@@ -24,7 +24,7 @@ dataset="${1:?usage: $0 mnist|cifar10 STEPS RUN_ROOT}"
 steps="${2:?usage: $0 mnist|cifar10 STEPS RUN_ROOT}"
 root="${3:?usage: $0 mnist|cifar10 STEPS RUN_ROOT}"
 seeds="${SEEDS:-0}"
-if [[ "$dataset" == cifar10 ]]; then extra_seeds="${EXTRA_SEEDS:-1}"; else extra_seeds="${EXTRA_SEEDS:-}"; fi
+if [[ "$dataset" == cifar10 ]]; then extra_seeds="${EXTRA_SEEDS-1}"; else extra_seeds="${EXTRA_SEEDS-}"; fi
 checkpoint_every=$(( (steps + 9) / 10 ))
 (( checkpoint_every <= 1000 )) || checkpoint_every=1000
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

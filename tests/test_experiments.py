@@ -157,3 +157,16 @@ def test_paper_tables_checkpoints_every_tenth_of_the_schedule_at_most_1000_steps
     status, output, modules = run_script("paper_tables.sh", ["cifar10", str(steps)], "preempt", ROWS="clean")
     assert status == 75 and modules == ["pivot_jax.train"], output
     assert f"--config.checkpoint_every_steps={every}" in (tmp_path / "calls.txt").read_text().split()
+
+
+@pytest.mark.parametrize("extra_seeds, trained_seeds", [(None, ["0", "1"]), ("", ["0"]), ("2 3", ["0", "2", "3"])])
+def test_paper_tables_extra_seeds_default_to_seed_1_on_cifar10_and_an_empty_value_means_none(
+        run_script, tmp_path, monkeypatch, extra_seeds, trained_seeds):
+    monkeypatch.delenv("EXTRA_SEEDS", raising=False)
+    env = {"ROWS": "noise_mixed"} if extra_seeds is None else {"ROWS": "noise_mixed", "EXTRA_SEEDS": extra_seeds}
+    status, output, modules = run_script("paper_tables.sh", ["cifar10", "100"], "finish", **env)
+    assert status == 0, output
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    seeds = [arg.split("=")[1] for call in calls if "pivot_jax.train" in call
+             for arg in call.split() if arg.startswith("--config.seed=")]
+    assert seeds == trained_seeds
