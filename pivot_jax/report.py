@@ -200,7 +200,7 @@ def build_report(runs: list[dict], columns: list[str] | None = None, title: str 
              "| training | " + " | ".join(columns) + " | seeds | steps |",
              "|---|" + "---|" * (len(columns) + 2)]
     for row in rows:
-        members = groups[row]
+        members = sorted(groups[row], key=lambda m: m["config"]["seed"])
         done = [m for m in members if not m["diverged"]]
         paper = paper_numbers(members[0]["config"])
         cells = []
@@ -211,8 +211,9 @@ def build_report(runs: list[dict], columns: list[str] | None = None, title: str 
                 cell += f" ({paper[column]:.1f})"
             cells.append(cell)
         seeds = ", ".join(str(m["config"]["seed"]) + (" (diverged)" if m["diverged"] else "") for m in members)
-        steps = ", ".join(sorted({str(m["results"]["step"]) if not m["diverged"] else f"diverged by {_diverged_step(m)}"
-                                  for m in members}))
+        # One step when the seeds agree, else each seed's, in the order of the seeds column.
+        ends = [str(m["results"]["step"]) if not m["diverged"] else f"diverged by {_diverged_step(m)}" for m in members]
+        steps = ends[0] if len(set(ends)) == 1 else ", ".join(ends)
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {seeds} | {steps} |")
     if any(len(groups[row]) > 1 or groups[row][0]["diverged"] for row in rows):
         lines += ["", "Every seed:", "", "| training | seed | " + " | ".join(columns) + " | step |",

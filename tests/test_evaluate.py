@@ -199,6 +199,17 @@ def test_report_compares_pivot_with_mixed_seed_by_seed_and_shows_diverged_runs(t
     assert (tmp_path / "out" / "sweeps.png").stat().st_size > 10_000
 
 
+def test_report_gives_each_seeds_end_in_seed_order_when_they_differ(tmp_path):
+    base = {"clean": 0.9, "noise_0.15": 0.5}
+    runs = [fake_run(tmp_path / "pivot1", "cifar10", "pivot", ("noise",), 1, {},
+                     diverged="error: non-finite grad_norm by step 300 (loss nan, gradient norm nan)"),
+            fake_run(tmp_path / "pivot0", "cifar10", "pivot", ("noise",), 0, {},
+                     diverged="error: non-finite grad_norm by step 450 (loss nan, gradient norm nan)"),
+            fake_run(tmp_path / "pivot2", "cifar10", "pivot", ("noise",), 2, base)]
+    text = report.write_report(runs, tmp_path / "out", columns=["clean", "noise_0.15"])
+    assert "| 0 (diverged), 1 (diverged), 2 | diverged by 450, diverged by 300, 100 |" in text
+
+
 def test_report_gives_the_suite_mean_and_mce_against_a_baseline(tmp_path):
     from pivot_jax import conditions
     from pivot_jax.errors import ConfigError
