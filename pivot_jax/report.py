@@ -190,8 +190,8 @@ def build_report(runs: list[dict], columns: list[str] | None = None, title: str 
     if columns is None:
         reference = finished[0] if finished else runs[0]
         columns = [c for c in reference["config"]["evals"] if all(c in r["results"]["accuracy"] for r in finished)]
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for run in runs:
+    groups: dict[str, list[dict]] = defaultdict(list)  # each row's runs in seed order
+    for run in sorted(runs, key=lambda r: r["config"]["seed"]):
         groups[run["row"]].append(run)
     rows = sorted(groups, key=lambda r: ROW_ORDER.index(r) if r in ROW_ORDER else len(ROW_ORDER))
     lines = [f"## {title}" if title else "", "",
@@ -200,7 +200,7 @@ def build_report(runs: list[dict], columns: list[str] | None = None, title: str 
              "| training | " + " | ".join(columns) + " | seeds | steps |",
              "|---|" + "---|" * (len(columns) + 2)]
     for row in rows:
-        members = sorted(groups[row], key=lambda m: m["config"]["seed"])
+        members = groups[row]
         done = [m for m in members if not m["diverged"]]
         paper = paper_numbers(members[0]["config"])
         cells = []
@@ -219,7 +219,7 @@ def build_report(runs: list[dict], columns: list[str] | None = None, title: str 
         lines += ["", "Every seed:", "", "| training | seed | " + " | ".join(columns) + " | step |",
                   "|---|---|" + "---|" * (len(columns) + 1)]
         for row in rows:
-            for m in sorted(groups[row], key=lambda m: m["config"]["seed"]):
+            for m in groups[row]:
                 if m["diverged"]:
                     lines.append(f"| {row} | {m['config']['seed']} | " + " | ".join("–" for _ in columns)
                                  + f" | diverged by {_diverged_step(m)}: `{m['diverged'][:160]}` |")
