@@ -62,9 +62,7 @@ def test_short_pivot_run_is_accurate_and_robust(mnist_trained_run):
     """300 steps of the paper's MNIST pivot setting, with its schedule shape (conftest)."""
     _, _, result = mnist_trained_run
     assert result.finished and result.step == TRAINED_STEPS
-    # Measured 0.971 clean and 0.972 at sigma 0.15 on an AMD Zen 4; another CPU's float rounding trains
-    # a slightly different model, so the bound leaves a point of room (an untrained model scores 0.1).
-    assert result.accuracy["clean"] >= 0.96, result.accuracy
+    assert result.accuracy["clean"] >= 0.97, result.accuracy
     assert result.accuracy["noise_0.15"] >= 0.90, result.accuracy
 
 
