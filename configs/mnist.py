@@ -8,7 +8,7 @@ A short run with the paper's schedule shape:
   python -m pivot_jax.train --config=configs/mnist.py:mode=pivot,perturb=noise \
       --config.num_train_steps=600 --workdir=/tmp/mnist_short
 With noise at the full 9,000 steps the paper's stop-gradient pivot (the default) diverged at lr 0.1 in
-all three seeds of docs/results.md; the released code's symmetric form trains:
+docs/results.md (docs/method.md has the seeds); the released code's symmetric form trains:
   python -m pivot_jax.train --config=configs/mnist.py:mode=pivot,perturb=noise \
       --config.loss.symmetric=True --workdir=/tmp/mnist_pivot_sym
 Seconds-long smoke test:
