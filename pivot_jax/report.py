@@ -6,7 +6,8 @@ that number (docs/method.md). Each run must have been evaluated (`eval/results.j
 stopped on a non-finite loss (`diverged.txt`, written by experiments/paper_tables.sh), which its row
 shows. With several seeds a cell is their mean ± sample standard deviation, and a second table lists
 every seed. Each pivot row is compared with the mixed row of the same perturbation over the seeds
-that both have: the mean paired difference, its 95% interval (Student's t) and a verdict. Writes
+that both have: the mean paired difference, its 95% interval (Student's t), the paired t-test's p
+and a verdict, alone and after Holm's correction over all of the pivot row's comparisons. Writes
 `report.md`, `sweeps.png` (every run's sweep curves, a band over seeds) and, for runs evaluated on
 the whole common-corruption suite, `corruptions.png` (accuracy per corruption and severity) into `--out`;
 for those runs the report also gives the suite's mean and, with `--baseline=RUN` (a run evaluated on
@@ -21,6 +22,7 @@ import sys
 from collections import defaultdict
 
 import numpy as np
+import scipy.stats
 from absl import app, flags
 from etils import epath
 
@@ -97,28 +99,47 @@ def _diverged_step(run: dict) -> str:
     return match.group(1) if match else "?"
 
 
-# Two-sided 95% quantiles of Student's t by degrees of freedom (1-10); past that, 2.2 to 1.96.
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
 def paired_difference(a: list[float], b: list[float]) -> dict:
-    """Mean of the per-seed differences a - b, its sample standard deviation, the 95% interval and
-    the verdict on "a is better than b": holds, does not hold, or cannot be told apart."""
+    """Mean of the per-seed differences a - b, its sample standard deviation, the 95% interval, the
+    two-sided p-value of the paired t-test and the verdict on "a is better than b": holds, does not
+    hold, or cannot be told apart (the interval excludes zero exactly when p < 0.05)."""
     differences = np.asarray(a, float) - np.asarray(b, float)
     n, mean = len(differences), float(np.mean(differences))
     if n < 2:
-        return {"n": n, "mean": mean, "sd": None, "low": None, "high": None,
+        return {"n": n, "mean": mean, "sd": None, "low": None, "high": None, "p": None,
                 "verdict": "cannot be told apart (one seed)"}
     sd = float(np.std(differences, ddof=1))
-    half = _T95.get(n - 1, 1.96 if n > 30 else 2.2) * sd / np.sqrt(n)
-    low, high = mean - half, mean + half
-    verdict = "holds" if low > 0 else "does not hold" if high < 0 else "cannot be told apart"
-    return {"n": n, "mean": mean, "sd": sd, "low": low, "high": high, "verdict": verdict}
+    standard_error = sd / np.sqrt(n)
+    half = float(scipy.stats.t.ppf(0.975, n - 1)) * standard_error
+    if standard_error > 0:
+        p = float(2 * scipy.stats.t.sf(abs(mean) / standard_error, n - 1))
+    else:  # every seed gave the same difference
+        p = 1.0 if mean == 0 else 0.0
+    return {"n": n, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half, "p": p,
+            "verdict": _verdict(mean, p)}
+
+
+def _verdict(mean: float, p: float) -> str:
+    if p >= 0.05:
+        return "cannot be told apart"
+    return "holds" if mean > 0 else "does not hold"
+
+
+def holm_adjusted(p_values: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values: a comparison passes at 5% family-wise error over the whole
+    list when its adjusted p-value is below 0.05, whichever of the others are true."""
+    m = len(p_values)
+    adjusted, running = [0.0] * m, 0.0
+    for rank, index in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (m - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
 
 
 def _comparisons(groups: dict[str, list[dict]], columns: list[str]) -> list[str]:
-    """Each pivot row against the mixed row of the same perturbation, seed by seed."""
-    lines = []
+    """Each pivot row against the mixed row of the same perturbation (unpaired and paired batches),
+    seed by seed, and the verdicts again after Holm's correction over the pivot row's comparisons."""
+    compared = []  # (pivot row, control row, column, seeds, paired_difference)
     for pivot_row in ("Pivot loss (Ours)", "Pivot loss, symmetric"):
         for pivot in groups.get(pivot_row, [])[:1]:
             mixed_row = row_label({**pivot["config"], "loss": {"mode": "mixed", "paired": False}})
@@ -126,14 +147,6 @@ def _comparisons(groups: dict[str, list[dict]], columns: list[str]) -> list[str]
                 by_seed = {m["config"]["seed"]: m for m in groups.get(control_row, []) if not m["diverged"]}
                 pairs = [(p, by_seed[p["config"]["seed"]]) for p in groups[pivot_row]
                          if not p["diverged"] and p["config"]["seed"] in by_seed]
-                if not pairs:
-                    continue
-                if not lines:
-                    lines += ["", "Paired comparison (same seeds): accuracy of the pivot row minus the control row, "
-                              "in points; mean ± sample standard deviation of the differences, 95% interval "
-                              "(Student's t), and whether \"pivot is better\" holds.", "",
-                              "| pivot row | control row | condition | seeds | difference | 95% interval | verdict |",
-                              "|---|---|---|---|---|---|---|"]
                 for column in columns:
                     usable = [(p, c) for p, c in pairs
                               if column in p["results"]["accuracy"] and column in c["results"]["accuracy"]]
@@ -141,11 +154,31 @@ def _comparisons(groups: dict[str, list[dict]], columns: list[str]) -> list[str]
                         continue
                     result = paired_difference([100 * p["results"]["accuracy"][column] for p, _ in usable],
                                                [100 * c["results"]["accuracy"][column] for _, c in usable])
-                    spread = f" ± {result['sd']:.2f}" if result["sd"] is not None else ""
-                    interval = f"[{result['low']:+.2f}, {result['high']:+.2f}]" if result["low"] is not None else "–"
                     seeds = ", ".join(str(p["config"]["seed"]) for p, _ in usable)
-                    lines.append(f"| {pivot_row} | {control_row} | {column} | {seeds} | {result['mean']:+.2f}{spread} "
-                                 f"| {interval} | {result['verdict']} |")
+                    compared.append((pivot_row, control_row, column, seeds, result))
+    if not compared:
+        return []
+    # Each pivot row's comparisons (every control, every condition) test one claim, that row's method:
+    # the family-wise error is held at 5% per pivot row.
+    for row in dict.fromkeys(pivot_row for pivot_row, *_ in compared):
+        family = [result for pivot_row, *_, result in compared if pivot_row == row and result["p"] is not None]
+        for result, adjusted in zip(family, holm_adjusted([result["p"] for result in family])):
+            result["holm_p"], result["holm"] = adjusted, _verdict(result["mean"], adjusted)
+    lines = ["", "Paired comparison (same seeds): accuracy of the pivot row minus the control row, in points; "
+             "mean ± sample standard deviation of the differences, 95% interval (Student's t), two-sided p "
+             "(paired t-test) and whether \"pivot is better\" holds; then p and the verdict after Holm's "
+             "correction over all of that pivot row's comparisons with two or more seeds (5% family-wise "
+             "error per pivot row).", "",
+             "| pivot row | control row | condition | seeds | difference | 95% interval | p | verdict "
+             "| Holm p | Holm verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for pivot_row, control_row, column, seeds, result in compared:
+        spread = f" ± {result['sd']:.2f}" if result["sd"] is not None else ""
+        interval = f"[{result['low']:+.2f}, {result['high']:+.2f}]" if result["low"] is not None else "–"
+        p = f"{result['p']:.3f}" if result["p"] is not None else "–"
+        holm_p = f"{result['holm_p']:.3f}" if "holm_p" in result else "–"
+        lines.append(f"| {pivot_row} | {control_row} | {column} | {seeds} | {result['mean']:+.2f}{spread} "
+                     f"| {interval} | {p} | {result['verdict']} | {holm_p} | {result.get('holm', '–')} |")
     return lines
 
 
