@@ -138,6 +138,23 @@ def test_paper_tables_records_a_diverged_row_and_goes_on(paper_tables, tmp_path)
     assert "noise_pivot seed 0: diverged before" in output and "pivot_jax.train" not in modules
 
 
+@pytest.mark.parametrize("dataset, committed", [("mnist", "mnist_9000"), ("cifar10", "cifar10_40000")])
+def test_paper_tables_builds_the_committed_reports_columns_and_titles(run_script, tmp_path, dataset, committed):
+    """Rerunning the script rebuilds each table of docs/results as committed, not a narrower one."""
+    status, output, modules = run_script("paper_tables.sh", [dataset, "100"], "finish", ROWS="clean noise_mixed lr_mixed",
+                                         SEEDS="0", EXTRA_SEEDS="")
+    assert status == 0 and modules.count("pivot_jax.report") == 2, output
+    calls = [call.split() for call in (tmp_path / "calls.txt").read_text().splitlines()
+             if "pivot_jax.report" in call]
+    for kind in ("noise", "lr"):
+        header = (REPO / "docs" / "results" / committed / f"report_{kind}" / "report.md").read_text().splitlines()
+        title = header[0].removeprefix("## ").replace(committed.split("_")[1], "100")
+        columns = next(line for line in header if line.startswith("| training |")).split("|")[2:-3]
+        call = next(call for call in calls if any(arg.endswith(f"/report_{kind}") for arg in call))
+        assert f"--columns={','.join(column.strip() for column in columns)}" in call
+        assert " ".join(call).endswith(f"--title={title}")
+
+
 def test_divergence_study_stops_on_preemption_and_resumes_with_its_whole_log(run_script, tmp_path):
     status, output, modules = run_script("divergence_study.sh", ["100"], "preempt", SEEDS="0")
     assert status == 75 and "pivot seed 0: stopped before step 100 (preempted)" in output, output
