@@ -168,3 +168,11 @@ def run_train(args, env_extra=None, **kwargs):
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "pivot_jax.train", *args], env=env, cwd=REPO,
                           capture_output=True, text=True, **kwargs)
+
+
+def report_title_and_columns(text: str) -> tuple[str, list[str]]:
+    """The title and the accuracy columns of a report.md that `pivot_jax.report` wrote."""
+    lines = text.splitlines()
+    title = lines[0].removeprefix("## ") if lines[0].startswith("## ") else ""
+    header = next(line for line in lines if line.startswith("| training | ") and line.endswith(" | seeds | steps |"))
+    return title, [cell.strip() for cell in header.split("|")[2:-3]]

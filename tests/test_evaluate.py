@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from conftest import CONFIGS, EIGHT_DEVICES, ONE_DEVICE, REPO, run_train
+from conftest import CONFIGS, EIGHT_DEVICES, ONE_DEVICE, REPO, report_title_and_columns, run_train
 from pivot_jax import checkpoint, config_lib, data, evaluate, models, report, results
 from test_train import logged_scalars, saved_params
 
@@ -252,10 +252,7 @@ def test_the_committed_reports_are_what_their_runs_give(committed, monkeypatch):
     names, is the text committed; a run added or changed without rerunning the report fails here."""
     monkeypatch.chdir(REPO)  # the reports name their runs relative to the repository
     text = (REPO / committed).read_text()
-    lines = text.splitlines()
-    title = lines[0].removeprefix("## ") if lines[0].startswith("## ") else ""
-    header = next(line for line in lines if line.startswith("| training | ") and line.endswith(" | seeds | steps |"))
-    columns = [cell.strip() for cell in header.split("|")[2:-3]]
+    title, columns = report_title_and_columns(text)
     run_dirs = named_runs(text)
     baseline = re.search(r"mCE and relative mCE against `([^`]+)`", text)
     rebuilt = report.build_report([report.load_run(d) for d in run_dirs], columns, title,

@@ -12,7 +12,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from conftest import REPO
+from conftest import REPO, report_title_and_columns
 from pivot_jax import config_lib, report
 
 
@@ -147,12 +147,11 @@ def test_paper_tables_builds_the_committed_reports_columns_and_titles(run_script
     calls = [call.split() for call in (tmp_path / "calls.txt").read_text().splitlines()
              if "pivot_jax.report" in call]
     for kind in ("noise", "lr"):
-        header = (REPO / "docs" / "results" / committed / f"report_{kind}" / "report.md").read_text().splitlines()
-        title = header[0].removeprefix("## ").replace(committed.split("_")[1], "100")
-        columns = next(line for line in header if line.startswith("| training |")).split("|")[2:-3]
+        title, columns = report_title_and_columns(
+            (REPO / "docs" / "results" / committed / f"report_{kind}" / "report.md").read_text())
         call = next(call for call in calls if any(arg.endswith(f"/report_{kind}") for arg in call))
-        assert f"--columns={','.join(column.strip() for column in columns)}" in call
-        assert " ".join(call).endswith(f"--title={title}")
+        assert f"--columns={','.join(columns)}" in call
+        assert " ".join(call).endswith(f"--title={title.replace(committed.split('_')[1], '100')}")
 
 
 def test_divergence_study_stops_on_preemption_and_resumes_with_its_whole_log(run_script, tmp_path):
