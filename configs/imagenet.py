@@ -46,6 +46,12 @@ def get_config(arg=None):
         config.num_train_steps = 400_000
         config.optim.learning_rate = 1e-5
         config.optim.lr_boundaries = ()
+        config.init_from_required = (
+            "this config fine-tunes a clean pre-trained ResNet-18 at lr 1e-5, which from random weights learns "
+            "nothing. The paper's two stages: python -m pivot_jax.train --config=configs/imagenet.py:mode=clean "
+            "--workdir=DIR_CLEAN, then python -m pivot_jax.train "
+            f"--config=configs/imagenet.py:mode={config.loss.mode},perturb=lr+mr --config.init_from=DIR_CLEAN "
+            f"--workdir=DIR_{config.loss.mode.upper()}")
     config.eval_every_steps = 50_000
     config.checkpoint_every_steps = 5_000
     config.log_every_steps = 500
@@ -99,6 +105,7 @@ def scale_to_pod(config, batch):
         config.optim.warmup_steps = epochs(1)
     config.eval_every_steps = steps(config.eval_every_steps)
     config.checkpoint_every_steps = steps(config.checkpoint_every_steps)
+    config.checkpoint_every_minutes = 30.0  # a preemption without notice loses at most this much
     config.log_every_steps = max(1, steps(config.log_every_steps))
     config.model.dtype = "bfloat16"
     config.data.eval_batch_size = max(config.data.eval_batch_size, batch // 4)

@@ -38,6 +38,8 @@ fi
 # the clean logits), which diverges on MNIST at lr 0.1 (docs/results.md); the `_symmetric` rows are
 # the released code's two-way gradient, the form that trains. `noise_mixed_paired` is mixed training
 # in the pivot's batch layout, so that the effect of pairing is told apart from that of L_dist.
+# The `_lam2_5e-5` rows are both forms at the released code's strength: its L_dist is ½·Σ where ours
+# is Σ, so its λ2 = 1e-4 is our 5e-5 (docs/method.md, "The λ2 normalisation").
 rows=(
   "clean|mode=clean|"
   "noise_perturbed|mode=perturbed,perturb=noise|"
@@ -45,6 +47,8 @@ rows=(
   "noise_mixed_paired|mode=mixed,perturb=noise|--config.loss.paired=True"
   "noise_pivot|mode=pivot,perturb=noise|"
   "noise_pivot_symmetric|mode=pivot,perturb=noise|--config.loss.symmetric=True"
+  "noise_pivot_lam2_5e-5|mode=pivot,perturb=noise|--config.loss.lam2=5e-5"
+  "noise_pivot_symmetric_lam2_5e-5|mode=pivot,perturb=noise|--config.loss.symmetric=True --config.loss.lam2=5e-5"
   "lr_perturbed|mode=perturbed,perturb=lr|"
   "lr_mixed|mode=mixed,perturb=lr|"
   "lr_pivot|mode=pivot,perturb=lr|"

@@ -21,7 +21,6 @@ written. The box file is written whole or not at all; an existing one is kept un
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
 import sys
 import tarfile
@@ -29,6 +28,7 @@ import xml.etree.ElementTree as ElementTree
 from typing import Iterator
 
 from absl import app, flags
+from etils import epath
 
 from pivot_jax.data.boxes import BOX_FILE_HEADER
 from pivot_jax.errors import DataError, UserError
@@ -45,13 +45,14 @@ class Conversion:
 
 def xml_documents(source: str) -> Iterator[tuple[str, str, bytes]]:
     """(where the XML file is, its file name, its bytes) for each `.xml` in a folder or a tar archive."""
-    path = pathlib.Path(source)
+    path = epath.Path(source)
     if path.is_dir():
-        for xml_path in sorted(path.rglob("*.xml")):
+        xml_paths = (root / name for root, _, names in path.walk() for name in names if name.endswith(".xml"))
+        for xml_path in sorted(xml_paths):  # walk, not rglob: gs:// has no recursive glob
             yield str(xml_path), xml_path.name, xml_path.read_bytes()
     elif path.is_file() and path.name.endswith(_ARCHIVE_SUFFIXES):
         try:
-            with tarfile.open(path) as archive:
+            with path.open("rb") as file, tarfile.open(fileobj=file) as archive:
                 for member in archive:
                     if member.isfile() and member.name.endswith(".xml"):
                         name = pathlib.PurePosixPath(member.name).name
@@ -124,13 +125,13 @@ def imagenet_file_names(data_dir: str, name: str = "imagenet2012") -> set[str]:
 def write_box_file(rows: dict, out: str) -> None:
     """Writes the CSV next to `out`, then moves it into place: a reader never sees half a file.
     (The command refuses an existing `out` without --overwrite before reading anything.)"""
-    target = pathlib.Path(out)
-    staging = target.with_name(f".{target.name}.partial")
-    with open(staging, "w") as file:
+    target = epath.Path(out)  # a local path or gs://...
+    staging = target.parent / f".{target.name}.partial"
+    with staging.open("w") as file:
         file.write(",".join(BOX_FILE_HEADER) + "\n")
         for image, box in sorted(rows.items()):
             file.write(image + "," + ",".join(f"{v:.6f}" for v in box) + "\n")
-    os.replace(staging, target)
+    staging.replace(target)
 
 
 def main(argv):
@@ -138,7 +139,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     FLAGS = flags.FLAGS
     try:
-        if not FLAGS.overwrite and pathlib.Path(FLAGS.out).exists():
+        if not FLAGS.overwrite and epath.Path(FLAGS.out).exists():
             raise UserError(f"--out {FLAGS.out} exists; pass --overwrite to replace it")
         known = imagenet_file_names(FLAGS.data_dir) if FLAGS.data_dir else None
         result = convert(FLAGS.xml, known)

@@ -31,7 +31,7 @@ FIELDS_A_RESUME_MAY_CHANGE = (
     "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
     "allow_config_change", "evals", "sweep_evals", "data.data_dir", "data.manual_dir", "data.folder",
     "data.num_threads", "data.prefetch", "data.download", "data.eval_batch_size", "data.test_examples",
-    "profile_steps", "model.conv", "perturb.frost_photos",
+    "profile_steps", "model.conv", "perturb.frost_photos", "checkpoint_every_minutes", "tensorboard_dir",
 )
 
 # Fields added after runs were already saved, with the value that gives those runs' behaviour: a
@@ -92,10 +92,19 @@ def base_config(
     config.log_every_steps = 100
     config.eval_every_steps = 1000
     config.checkpoint_every_steps = 1000
+    # Also save when this many minutes passed since the last save (0: by steps only); checked at the
+    # logging steps. At pod scale steps can be seconds apart and a fixed step count hours.
+    config.checkpoint_every_minutes = 0.0
     config.keep_checkpoints = 2
+    # Where the TensorBoard event files go ("": the workdir). TensorFlow writes them, with its own GCS
+    # client for gs:// (the one path in a run that epath does not write).
+    config.tensorboard_dir = ""
     config.allow_config_change = False
     # A workdir (or checkpoint directory) whose latest parameters initialise a fresh run (fine-tuning).
     config.init_from = ml_collections.FieldReference(None, field_type=str)
+    # A config that fine-tunes (a small learning rate meant for a trained model) says how to get the
+    # model here; training from random weights is then refused with these commands.
+    config.init_from_required = ""
     # Steps to trace with the JAX profiler (TensorBoard's profile tab), from the 10th step on; 0: none.
     config.profile_steps = 0
     config.smoke = args["smoke"]
@@ -237,6 +246,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     for field in ("num_train_steps", "batch_size", "log_every_steps", "eval_every_steps",
                   "checkpoint_every_steps", "keep_checkpoints"):
         _require(isinstance(c[field], int) and c[field] >= 1, field, c[field], "an int >= 1")
+    _require(isinstance(c.checkpoint_every_minutes, (int, float)) and c.checkpoint_every_minutes >= 0,
+             "checkpoint_every_minutes", c.checkpoint_every_minutes, "a number of minutes >= 0 (0: by steps only)")
     _require(isinstance(c.profile_steps, int) and c.profile_steps >= 0, "profile_steps", c.profile_steps,
              "an int >= 0 (0: no profile)")
 

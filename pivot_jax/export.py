@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -92,12 +93,17 @@ def _tflite(serve, image_shape, calibration: np.ndarray | None) -> bytes:
 
 
 def _size(path: epath.Path) -> int:
-    import tensorflow as tf
-
     if not path.is_dir():
-        return tf.io.gfile.stat(str(path)).length
-    return sum(tf.io.gfile.stat(os.path.join(root, name)).length
-               for root, _, names in tf.io.gfile.walk(str(path)) for name in names)
+        return path.stat().length
+    return sum((root / name).stat().length for root, _, names in path.walk() for name in names)
+
+
+def _copy_tree(source: epath.Path, target: epath.Path) -> None:
+    for root, _, names in source.walk():
+        folder = target / root.relative_to(source)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (root / name).copy(folder / name)
 
 
 def check_output(out, overwrite: bool) -> epath.Path:
@@ -125,15 +131,17 @@ def export(config: ml_collections.ConfigDict, workdir, out, *, step: int | None 
     image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     calibration = calibration_images(config, workdir, calibration_examples)
 
+    # Made on local disk (TensorFlow writes the SavedModel), then copied beside `out` with epath, which
+    # reaches gs:// and every store the rest of the project writes to, and moved into place whole.
+    local = epath.Path(tempfile.mkdtemp(prefix="pivot_jax_export_"))
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     staging.rmtree(missing_ok=True)
-    staging.mkdir()
     try:
         module = _tf_module(serve, (None, *image_shape))
-        tf.saved_model.save(module, str(staging / FILES["saved_model"]),
+        tf.saved_model.save(module, str(local / FILES["saved_model"]),
                             signatures={SIGNATURE: module.serve.get_concrete_function()})
-        (staging / FILES["float32"]).write_bytes(_tflite(serve, image_shape, None))
-        (staging / FILES["int8"]).write_bytes(_tflite(serve, image_shape, calibration))
+        (local / FILES["float32"]).write_bytes(_tflite(serve, image_shape, None))
+        (local / FILES["int8"]).write_bytes(_tflite(serve, image_shape, calibration))
         names = workdirs.saved_class_names(workdir)
         manifest = {
             "model": config.model.name, "workdir": str(workdir), "step": step,
@@ -147,10 +155,11 @@ def export(config: ml_collections.ConfigDict, workdir, out, *, step: int | None 
             "tflite": {"batch": 1, "int8_calibration": {"split": config.data.train_split,
                                                          "examples": int(len(calibration)),
                                                          "seed": CALIBRATION_SEED}},
-            "files": {name: {"path": path, "bytes": _size(staging / path)} for name, path in FILES.items()},
+            "files": {name: {"path": path, "bytes": _size(local / path)} for name, path in FILES.items()},
             "versions": {"jax": jax.__version__, "tensorflow": tf.__version__},
         }
-        (staging / "export.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        (local / "export.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        _copy_tree(local, staging)
         replaced = None
         if out.exists():  # --overwrite: the old export goes only once the new one is complete
             replaced = out.parent / f".{out.name}.replaced-{os.getpid()}"
@@ -161,6 +170,8 @@ def export(config: ml_collections.ConfigDict, workdir, out, *, step: int | None 
     except BaseException:
         staging.rmtree(missing_ok=True)
         raise
+    finally:
+        local.rmtree(missing_ok=True)
     return manifest
 
 

@@ -33,6 +33,7 @@ ROW_ORDER = ("Clean only", "Noisy only", "LR only", "MR only", "LR, MR only", "C
              "Clean, MR", "Clean, LR, MR", "Clean, Noisy, paired", "Clean, LR, paired", "Clean, MR, paired",
              "Clean, LR, MR, paired", "Pivot loss (Ours)", "Pivot loss, symmetric")
 _KIND_NAMES = {"noise": "Noisy", "lr": "LR", "mr": "MR"}
+PIVOT_LAM2 = 1e-4  # the paper's λ2, every config's default
 
 # The paper's test accuracies (%), by table, row and test condition (docs/method.md).
 PAPER = {
@@ -68,7 +69,16 @@ def row_label(config: dict) -> str:
     if mode == "mixed":  # the paired layout without L_dist is its own control row
         return "Clean, " + ", ".join(kinds) + (", paired" if config["loss"].get("paired") else "")
     # The ablation whose L_dist gradient also reaches the clean logits (as in the released code).
-    return "Pivot loss, symmetric" if config["loss"].get("symmetric") else "Pivot loss (Ours)"
+    label = "Pivot loss, symmetric" if config["loss"].get("symmetric") else "Pivot loss (Ours)"
+    # Another strength of L_dist is another row (the released code's ½·Σ at its λ2 is our Σ at half of it).
+    lam2 = config["loss"].get("lam2", PIVOT_LAM2)
+    return label if lam2 == PIVOT_LAM2 else f"{label}, λ2 = {lam2:g}"
+
+
+def _row_rank(row: str) -> tuple[int, str]:
+    """The paper's order; a row of another λ2 right after its own form's row."""
+    base = row.split(", λ2 = ")[0]
+    return (ROW_ORDER.index(base) if base in ROW_ORDER else len(ROW_ORDER), row)
 
 
 def paper_numbers(config: dict) -> dict[str, float]:
@@ -140,7 +150,7 @@ def _comparisons(groups: dict[str, list[dict]], columns: list[str]) -> list[str]
     """Each pivot row against the mixed row of the same perturbation (unpaired and paired batches),
     seed by seed, and the verdicts again after Holm's correction over the pivot row's comparisons."""
     compared = []  # (pivot row, control row, column, seeds, paired_difference)
-    for pivot_row in ("Pivot loss (Ours)", "Pivot loss, symmetric"):
+    for pivot_row in sorted((row for row in groups if row.startswith("Pivot loss")), key=_row_rank):
         for pivot in groups.get(pivot_row, [])[:1]:
             mixed_row = row_label({**pivot["config"], "loss": {"mode": "mixed", "paired": False}})
             for control_row in (mixed_row, mixed_row + ", paired"):
@@ -226,7 +236,7 @@ def build_report(runs: list[dict], columns: list[str] | None = None, title: str 
     groups: dict[str, list[dict]] = defaultdict(list)  # each row's runs in seed order
     for run in sorted(runs, key=lambda r: r["config"]["seed"]):
         groups[run["row"]].append(run)
-    rows = sorted(groups, key=lambda r: ROW_ORDER.index(r) if r in ROW_ORDER else len(ROW_ORDER))
+    rows = sorted(groups, key=_row_rank)
     lines = [f"## {title}" if title else "", "",
              "Test accuracy (%): ours, then the paper's in parentheses where it reports the cell. "
              "With several seeds: their mean ± sample standard deviation.", "",

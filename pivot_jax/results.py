@@ -200,7 +200,8 @@ def _save_figure(figure, path, dpi: int) -> None:
     figure.tight_layout()
     path = epath.Path(path)
     temporary = path.parent / f".{path.name}.tmp-{os.getpid()}.png"
-    figure.savefig(temporary, dpi=dpi)
+    with temporary.open("wb") as file:  # matplotlib opens plain paths only; epath reaches gs:// too
+        figure.savefig(file, dpi=dpi, format="png")
     plt.close(figure)
     temporary.replace(path)
 

@@ -90,36 +90,84 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def _launcher() -> str | None:
-    """Which multi-process launcher started this process, if any: JAX detects these itself."""
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
-        return "slurm"
-    if "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"]:
-        return "tpu pod"
+# JAX's names for the environments its cluster detection recognises, as the log says them.
+CLUSTER_NAMES = {"gcetpu": "a TPU VM slice (GCE metadata server)", "gketpu": "a TPU slice on GKE",
+                 "slurm": "SLURM", "ompi": "Open MPI", "k8s": "Kubernetes"}
+
+
+def detect_cluster():
+    """The cluster environment that JAX's own detection recognises in this process's environment (a TPU
+    VM slice through its metadata server, GKE, SLURM, Open MPI, Kubernetes), or None.
+
+    It is the detection `jax.distributed.initialize()` runs when given no addresses; JAX has no public
+    name for it, so it is read from `jax._src.clusters`, in JAX's own order. Opt-in methods (mpi4py)
+    are left out, as JAX leaves them out.
+    """
+    from jax._src import clusters
+
+    for env in clusters.ClusterEnv._cluster_types:
+        if env.opt_in_only_method:
+            continue
+        try:
+            if env.is_env_present():
+                return env
+        except Exception as error:  # noqa: BLE001  (a metadata server that answers nonsense)
+            from absl import logging
+
+            logging.warning("cluster detection %s failed: %s", env.name, first_line(error))
     return None
 
 
+def _local_device_ids_from_env() -> list[int] | None:
+    """JAX_LOCAL_DEVICE_IDS (e.g. "0,1,2,3"), which jax.distributed reads too: the launcher's word on
+    which of the host's devices this process drives (launch/slurm/train.sbatch sets it per node)."""
+    value = os.environ.get("JAX_LOCAL_DEVICE_IDS", "").strip()
+    return [int(x) for x in value.split(",")] if value else None
+
+
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, timeout_seconds: int = 300) -> None:
-    """Joins a multi-process run: explicitly with a coordinator address (local runs, any cluster),
-    or by the launcher's environment (TPU pods, SLURM). A single process needs nothing.
+                           process_id: int | None = None, timeout_seconds: int = 300) -> str | None:
+    """Joins a multi-process run: explicitly with a coordinator address (local runs, any cluster), or
+    wherever JAX's cluster detection recognises the environment (`detect_cluster`). A single process
+    needs nothing. Returns how the run was joined (for the log and tests), or None.
+
+    On a cluster every process must join: without the distributed client, preemption notices never
+    reach the run (`CheckpointManager.reached_preemption` is always False), so a preempted pod would
+    lose everything since its last periodic checkpoint.
 
     A peer that does not show up within `timeout_seconds`, or stops sending heartbeats for that long,
     ends the run with an error instead of a hang.
     """
     import jax
-
-    launcher = _launcher()
-    if coordinator_address is None and launcher is None:
-        return
-    if coordinator_address is not None and (num_processes is None or process_id is None):
-        raise DistributedError("--coordinator_address needs --num_processes and --process_id as well")
-    where = coordinator_address or f"the {launcher} coordinator"
     from absl import logging
 
-    logging.info("Process %s of %s joining %s; a peer missing for %d s ends the run.",
-                 process_id if process_id is not None else "?", num_processes or "?", where, timeout_seconds)
-    if coordinator_address is not None and process_id:
+    local_device_ids = _local_device_ids_from_env()
+    if coordinator_address is not None:
+        if num_processes is None or process_id is None:
+            raise DistributedError("--coordinator_address needs --num_processes and --process_id as well")
+        where = coordinator_address
+    else:
+        cluster = detect_cluster()
+        if cluster is None:
+            return None
+        from jax._src import clusters
+
+        name = CLUSTER_NAMES.get(cluster.name, cluster.name)
+        try:
+            coordinator_address, num_processes, process_id, local_device_ids = (
+                clusters.ClusterEnv.auto_detect_unset_distributed_params(
+                    None, None, None, local_device_ids, cluster.name, timeout_seconds))
+        except Exception as error:  # noqa: BLE001  (an environment JAX recognised but cannot read)
+            raise DistributedError(f"{name} was detected, but its environment could not be read: "
+                                   f"{first_line(error)}") from None
+        if num_processes == 1:
+            logging.info("Cluster: %s, with this one process: no jax.distributed needed.", name)
+            return name
+        where = f"{name} (coordinator {coordinator_address})"
+    logging.info("Process %s of %s joining %s; local devices %s; a peer missing for %d s ends the run.",
+                 process_id, num_processes, where, "all" if local_device_ids is None else local_device_ids,
+                 timeout_seconds)
+    if process_id:
         _wait_for_coordinator(coordinator_address, process_id, timeout_seconds)
     # Past this point the runtime itself enforces the timeout: it aborts the process with a
     # DEADLINE_EXCEEDED message (it cannot be caught) if a peer never registers or stops responding.
@@ -128,15 +176,17 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
             coordinator_address=coordinator_address,
             num_processes=num_processes,
             process_id=process_id,
+            local_device_ids=local_device_ids,
             initialization_timeout=timeout_seconds,
             heartbeat_timeout_seconds=timeout_seconds,
         )
     except Exception as error:  # the runtime raises several kinds; all mean the peers did not meet
         raise DistributedError(
-            f"process {process_id if process_id is not None else '?'} could not join {where} within "
-            f"{timeout_seconds} s: {str(error).splitlines()[0][:300]}. Check that all "
-            f"{num_processes or ''} processes were started with the same coordinator address."
+            f"process {process_id} could not join {where} within {timeout_seconds} s: "
+            f"{str(error).splitlines()[0][:300]}. Check that all {num_processes} processes were started with "
+            "the same coordinator address."
         ) from None
+    return where
 
 
 def _wait_for_coordinator(address: str, process_id: int, timeout_seconds: int) -> None:

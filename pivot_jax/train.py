@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import signal
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ import numpy as np
 from absl import app, flags, logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from pivot_jax import (checkpoint, config_lib, corruptions, data, evaluate, results, runtime, sharding, train_step,
@@ -74,6 +76,11 @@ class _Preemption:
         return self.mngr.reached_preemption(step - self.initial_step) or self.requested
 
 
+def _has_checkpoints(workdir: epath.Path) -> bool:
+    folder = checkpoint.checkpoint_dir(workdir)
+    return folder.is_dir() and any(path.name.isdigit() for path in folder.iterdir())
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     """Trains (or resumes) the run in `workdir`; returns how it ended, with the final test accuracies."""
     # Checks, before any data is read or any computation starts; then the workdir is ours alone.
@@ -81,6 +88,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
     config_lib.validate(config, num_devices=mesh.size)
     workdir = epath.Path(workdir)
     workdirs.check(workdir, config)
+    if config.init_from_required and not config.init_from and not _has_checkpoints(workdir):
+        raise ConfigError(f"config.init_from: not set; {config.init_from_required}")
     is_main = jax.process_index() == 0
     with workdirs.WorkdirLock(workdir) if is_main else contextlib.nullcontext():
         return _train(config, workdir, mesh, is_main)
@@ -139,7 +148,8 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, is_main
 
     # Evaluator and reporting.
     evaluator = evaluate.Evaluator(config, test_split, step_fns.model, mesh)
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main, asynchronous=True)
+    writer = metric_writers.create_default_writer(config.tensorboard_dir or workdir, just_logging=not is_main,
+                                                  asynchronous=True)
     if initial_step == 0:
         writer.write_hparams(config.to_dict())  # CLU flattens nested fields and sequences
     report_progress = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer)
@@ -180,10 +190,26 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, is_main
         writer.write_scalars(step, {f"eval/{name}": value for name, value in accuracy.items()})
         return accuracy, num_examples
 
+    last_save = time.monotonic()
+
     def save_checkpoint(step: int) -> None:
+        nonlocal last_save
         flush_metrics(step)  # never save a state whose loss or gradient went non-finite
         with report_progress.timed("checkpoint"):
             checkpoint.save(mngr, workdir, step, state, train_iter)
+        last_save = time.monotonic()
+
+    def checkpoint_due(step: int) -> bool:
+        """By steps, or by `checkpoint_every_minutes` (checked at the logging steps). Every process must
+        save the same step, so process 0's clock decides for all."""
+        if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
+            return True
+        if not config.checkpoint_every_minutes or step % config.log_every_steps:
+            return False
+        due = time.monotonic() - last_save >= 60 * config.checkpoint_every_minutes
+        if jax.process_count() > 1:
+            due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
+        return due
 
     # Loop.
     logging.info("Training %s from step %d to %d on %d devices.", workdir, initial_step,
@@ -201,7 +227,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, is_main
                 flush_metrics(step)
             if step % config.eval_every_steps == 0 and step < config.num_train_steps:
                 run_evaluation(step)
-            if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
+            if checkpoint_due(step):
                 save_checkpoint(step)
             if step < config.num_train_steps and preemption.reached(step):
                 if mngr.latest_step() != step:

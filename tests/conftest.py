@@ -51,8 +51,8 @@ def pytest_configure(config):
 # The files that take longest, longest first (measured with --durations=0). The two xdist workers take
 # whole files in collection order, so the long ones are not left for the end, where one worker would
 # run them while the other idles (xdist's own order, by number of tests, puts them last).
-SLOWEST_FILES = ("test_train.py", "test_use.py", "test_distributed.py", "test_onednn.py", "test_reliability.py",
-                 "test_imagenet.py", "test_evaluate.py", "test_corruptions.py", "test_loop.py")
+SLOWEST_FILES = ("test_train.py", "test_slurm.py", "test_use.py", "test_gcs.py", "test_pod.py", "test_distributed.py",
+                 "test_onednn.py", "test_reliability.py", "test_imagenet.py", "test_evaluate.py", "test_corruptions.py", "test_loop.py")
 
 
 def pytest_collection_modifyitems(items):

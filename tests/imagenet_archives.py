@@ -90,3 +90,20 @@ def write_box_archive(path: pathlib.Path, documents: dict[str, str]) -> None:
     with tarfile.open(path, "w:gz") as archive:
         for name, text in documents.items():
             _add(archive, name, text.encode())
+
+
+if __name__ == "__main__":
+    # python tests/imagenet_archives.py DIR: writes the two small archives into DIR (a TFDS manual dir).
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Writes small synthetic ILSVRC-2012 archives into DIR, in the "
+                                                 "layout TFDS's imagenet2012 reads from its manual directory.")
+    parser.add_argument("dir", type=pathlib.Path, help="the manual directory, e.g. DATA_DIR/downloads/manual")
+    parser.add_argument("--val", type=int, default=8, help="validation images (their classes get training images)")
+    parser.add_argument("--train-per-class", type=int, default=3)
+    args = parser.parse_args()
+    made = make_manual_dir(args.dir, num_val=args.val, train_per_class=args.train_per_class)
+    print(f"{args.dir}: ILSVRC2012_img_train.tar ({len(made['synsets'])} classes, {len(made['train'])} images) and "
+          f"ILSVRC2012_img_val.tar ({len(made['val'])} images). The archive check counts the classes: prepare them "
+          "with `python -m pivot_jax.prepare --config=configs/imagenet.py:mode=clean,smoke --config.data.data_dir=... "
+          f"--config.data.num_classes={len(made['synsets'])}`; training then reads them with TFDS's 1,000 classes.")

@@ -162,7 +162,7 @@ def test_missing_peer_ends_the_run_instead_of_hanging(mnist_data_dir, tmp_path):
     result = run_train([*smoke_args(tmp_path, mnist_data_dir), "--coordinator_address=127.0.0.1:12393",
                         "--num_processes=2", "--process_id=0", "--distributed_timeout=3"], timeout=120)
     assert result.returncode != 0 and time.time() - start < 60
-    assert "Process 0 of 2 joining 127.0.0.1:12393; a peer missing for 3 s ends the run." in result.stderr
+    assert "Process 0 of 2 joining 127.0.0.1:12393; local devices all; a peer missing for 3 s ends the run." in result.stderr
     assert "DEADLINE_EXCEEDED" in result.stderr
     assert not (tmp_path / "checkpoints").exists()
 
@@ -175,43 +175,59 @@ def dry_run(*command, env=None):
 
 
 def test_tpu_dry_runs():
+    """The printed commands; tests/test_pod.py runs them with a stand-in gcloud."""
     env = {"PROJECT": "proj", "ZONE": "us-east5-a", "ACCELERATOR_TYPE": "v5p-64", "TPU_NAME": "pod1",
-           "CONFIG": "configs/imagenet.py:mode=pivot,perturb=lr+mr", "WORKDIR": "gs://b/run"}
+           "CONFIG": "configs/imagenet.py:mode=pivot,perturb=lr+mr", "WORKDIR": "gs://b/run",
+           "PATH": f"{REPO / 'launch'}:/usr/bin:/bin"}  # no gcloud: `create` finds no slice to replace
     pod = LAUNCH / "tpu" / "pod.sh"
+    # Each generation's own TPU VM image.
     assert dry_run(pod, "--dry-run", "create", env=env) == [
         "gcloud compute tpus tpu-vm create pod1 --project=proj --zone=us-east5-a --accelerator-type=v5p-64 "
-        "--version=tpu-ubuntu2204-base"]
+        "--version=v2-alpha-tpuv5"]
+    (v4,) = dry_run(pod, "--dry-run", "create", env={**env, "ACCELERATOR_TYPE": "v4-32"})
+    (v5e,) = dry_run(pod, "--dry-run", "create", env={**env, "ACCELERATOR_TYPE": "v5litepod-16"})
+    assert v4.endswith("--version=tpu-ubuntu2204-base") and v5e.endswith("--version=v2-alpha-tpuv5-lite")
     (queued,) = dry_run(pod, "--dry-run", "create", env={**env, "QUEUED": "1"})
     assert queued.startswith("gcloud compute tpus queued-resources create pod1-qr --project=proj")
-    assert "--node-id=pod1" in queued and "--runtime-version=tpu-ubuntu2204-base" in queued
+    assert "--node-id=pod1" in queued and "--runtime-version=v2-alpha-tpuv5" in queued
     (setup,) = dry_run(pod, "--dry-run", "setup", env=env)
-    assert "--worker=all" in setup and "pip install -e '.[tpu]'" in shlex.split(setup)[-1]
-    (train_line,) = dry_run(pod, "--dry-run", "train", "--", "--config.seed=3", env=env)
-    words = shlex.split(train_line)
-    assert words[:9] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod1", "--project=proj", "--zone=us-east5-a",
-                         "--worker=all"]
-    remote = shlex.split(words[9].removeprefix("--command="))  # what each worker's shell runs
-    assert remote[-6:] == ["python", "-m", "pivot_jax.train", "--config=configs/imagenet.py:mode=pivot,perturb=lr+mr",
-                           "--workdir=gs://b/run", "--config.seed=3"]
+    assert "--worker=all" in setup and "pip install --quiet -e '.[tpu]'" in shlex.split(setup)[-1]
+    for args in ((), ("--", "--config.seed=3")):
+        (train_line,) = dry_run(pod, "--dry-run", "train", *args, env=env)
+        words = shlex.split(train_line)
+        assert words[:9] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod1", "--project=proj",
+                             "--zone=us-east5-a", "--worker=all"]
+        remote = words[9].removeprefix("--command=")  # what each worker's shell runs
+        expected = ("setsid nohup python -m pivot_jax.train --config=configs/imagenet.py:mode=pivot\\,perturb=lr+mr "
+                    "--workdir=gs://b/run" + "".join(f" {a}" for a in args[1:]) + " >> $HOME/pivot_jax_logs/train.log")
+        assert expected in remote, remote
     (evaluate_line,) = dry_run(pod, "--dry-run", "evaluate", env=env)
-    assert "pivot_jax.evaluate" in evaluate_line
+    assert "python -m pivot_jax.evaluate --workdir=gs://b/run >>" in shlex.split(evaluate_line)[-1]  # its own config
+    (prepare_line,) = dry_run(pod, "--dry-run", "prepare", env=env)
+    assert "--worker=0" in prepare_line and "python -m pivot_jax.prepare" in shlex.split(prepare_line)[-1]
     assert dry_run(pod, "--dry-run", "delete", env=env) == [
         "gcloud compute tpus tpu-vm delete pod1 --project=proj --zone=us-east5-a --quiet"]
 
 
 def test_slurm_dry_runs():
+    """The printed commands; tests/test_slurm.py submits them to a real Slurm."""
     submit = LAUNCH / "slurm" / "submit.sh"
     sbatch, srun = dry_run(submit, "--dry-run", "--nodes", "4", "--gpus-per-node", "8",
-                           "configs/imagenet.py:mode=clean", "/shared/run", "--config.seed=1")
-    assert sbatch.startswith("sbatch --nodes=4 --ntasks-per-node=8 --gpus-per-node=8 ")
-    assert "CONFIG=configs/imagenet.py:mode=clean" in sbatch and "train.sbatch --config.seed=1" in sbatch
-    assert srun.startswith("srun --kill-on-bad-exit=1 bash -c CUDA_VISIBLE_DEVICES=\\$SLURM_LOCALID")
-    assert srun.endswith("python -m pivot_jax.train --config=configs/imagenet.py:mode=clean --workdir=/shared/run "
-                         "--config.seed=1")
-    sbatch, srun = dry_run(submit, "--dry-run", "--per-node", "configs/imagenet.py:mode=clean", "/shared/run")
-    assert "--ntasks-per-node=1 --gpus-per-node=8" in sbatch
-    assert srun == ("srun --kill-on-bad-exit=1 python -m pivot_jax.train --config=configs/imagenet.py:mode=clean "
-                    "--workdir=/shared/run")
+                           "configs/imagenet.py:mode=clean,pod", "/shared/run", "--config.seed=1")
+    words = shlex.split(sbatch)
+    # The config's commas travel in the environment: sbatch's --export would split them off.
+    assert words[:4] == ["CONFIG=configs/imagenet.py:mode=clean,pod", "WORKDIR=/shared/run", "PER_NODE=0",
+                         "GPUS_PER_NODE=8"]
+    assert words[4:12] == ["sbatch", "--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=16",
+                           "--time=48:00:00", "--signal=B:USR1@300", "--requeue"]
+    assert words[12] == "--export=ALL" and words[-2:] == [str(LAUNCH / "slurm" / "train.sbatch"), "--config.seed=1"]
+    # One process per GPU: JAX gives each task the GPU SLURM_LOCALID; nothing else narrows them.
+    assert shlex.split(srun) == ["srun", "--kill-on-bad-exit=1", "python", "-m", "pivot_jax.train",
+                                 "--config=configs/imagenet.py:mode=clean,pod", "--workdir=/shared/run", "--config.seed=1"]
+    sbatch, srun = dry_run(submit, "--dry-run", "--per-node", "--gpus-per-node", "4", "configs/imagenet.py:mode=clean",
+                           "/shared/run")
+    assert "--ntasks-per-node=1 --gpus-per-node=4 --cpus-per-task=64" in sbatch
+    assert shlex.split(srun)[:3] == ["JAX_LOCAL_DEVICE_IDS=0,1,2,3", "srun", "--kill-on-bad-exit=1"]
 
 
 def test_local_dry_run():

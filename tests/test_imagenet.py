@@ -8,6 +8,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -31,6 +32,7 @@ def imagenet(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("imagenet") / "tfds"
     made = make_manual_dir(data_dir / "downloads" / "manual")
     config = imagenet_config(data_dir)
+    config.data.num_classes = len(made["synsets"])  # the preparation checks the archive's class count
     splits = {name: data.open_split(config.data, name) for name in ("train", "validation")}  # prepares
     return data_dir, made, splits
 
@@ -183,3 +185,70 @@ def test_a_missing_or_truncated_archive_is_named_before_preparing(imagenet, tmp_
         data.open_split(config.data, "validation")
     assert not list((tmp_path / "tfds").glob("imagenet2012/*/*.array_record*"))  # nothing was prepared
     tfds_prepare.check_manual_archives("imagenet2012", data_dir / "downloads" / "manual")  # the whole ones pass
+
+
+def test_an_archive_cut_at_a_member_boundary_or_short_of_classes_is_named(imagenet, tmp_path):
+    """tarfile reads a copy cut exactly after a member as a whole, smaller archive: TFDS would then
+    prepare it with the classes after the cut silently missing."""
+    data_dir, made, _ = imagenet
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    shutil.copy(data_dir / "downloads" / "manual" / "ILSVRC2012_img_val.tar", manual)
+    whole = data_dir / "downloads" / "manual" / "ILSVRC2012_img_train.tar"
+    with tarfile.open(whole) as archive:
+        members = archive.getmembers()
+    cut = members[1].offset  # the second class's header starts right after the first class's data
+    (manual / "ILSVRC2012_img_train.tar").write_bytes(whole.read_bytes()[:cut])
+    with pytest.raises(DataError, match=r"ILSVRC2012_img_train.tar is truncated: it ends after its member 1 at "
+                                        r"byte [\d,]+, without tar's end-of-archive blocks"):
+        tfds_prepare.check_manual_archives("imagenet2012", manual, len(made["synsets"]))
+    # A whole archive (with its end blocks) that holds fewer classes than the config's.
+    with tarfile.open(manual / "ILSVRC2012_img_train.tar", "w") as short, tarfile.open(whole) as archive:
+        for member in members[:-1]:
+            short.addfile(member, archive.extractfile(member))
+    with pytest.raises(DataError, match=rf"holds {len(members) - 1} classes \(one archive each\), "
+                                        rf"config.data.num_classes is {len(made['synsets'])}"):
+        tfds_prepare.check_manual_archives("imagenet2012", manual, len(made["synsets"]))
+    shutil.copy(whole, manual / "ILSVRC2012_img_train.tar")
+    tfds_prepare.check_manual_archives("imagenet2012", manual, len(made["synsets"]))
+
+
+def test_only_process_0_prepares_while_the_others_wait(imagenet, tmp_path, monkeypatch):
+    """Several hosts preparing one data set at once race in TFDS's renames and all lose the work."""
+    import threading
+
+    import tensorflow_datasets as tfds
+
+    data_dir, made, _ = imagenet
+    shutil.copytree(data_dir / "downloads", tmp_path / "tfds" / "downloads")
+    config = imagenet_config(tmp_path / "tfds")
+    config.data.num_classes = len(made["synsets"])
+    # The main thread is process 1 of 2; a second thread, started a moment later, is process 0.
+    monkeypatch.setattr(tfds_prepare, "_process_index_and_count",
+                        lambda: (1 if threading.current_thread() is threading.main_thread() else 0, 2))
+    monkeypatch.setattr(tfds_prepare, "WAIT_POLL_SECONDS", 0.2)
+    preparers = []
+    original = tfds.core.DatasetBuilder.download_and_prepare
+
+    def counted(self, *args, **kwargs):
+        preparers.append(threading.current_thread().name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", counted)
+    process_0 = threading.Timer(1.0, tfds_prepare.builder, (config.data,))
+    process_0.name = "process-0"
+    process_0.start()
+    dataset = tfds_prepare.builder(config.data)  # waits for process 0
+    process_0.join()
+    assert dataset.is_prepared() and preparers == ["process-0"]
+
+
+def test_fine_tuning_from_random_weights_is_refused_with_the_two_stage_commands(tmp_path):
+    """`configs/imagenet.py` alone is the paper's pivot fine-tuning (lr 1e-5): without a pre-trained model
+    it would spend days learning nothing."""
+    result = run_train([f"--config={CONFIGS / 'imagenet.py'}", f"--workdir={tmp_path / 'run'}"], ONE_DEVICE, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "error: config.init_from: not set; this config fine-tunes a clean pre-trained ResNet-18" in result.stderr
+    assert "--config=configs/imagenet.py:mode=clean --workdir=DIR_CLEAN" in result.stderr
+    assert "--config=configs/imagenet.py:mode=pivot,perturb=lr+mr --config.init_from=DIR_CLEAN" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -66,6 +66,17 @@ def test_a_crash_after_a_checkpoint_resumes_bit_exact(synthetic_config, tmp_path
     jax.tree.map(np.testing.assert_array_equal, whole, cut)
 
 
+def test_checkpoints_by_time_as_well_as_by_steps(synthetic_config, tmp_path):
+    """checkpoint_every_minutes saves at the logging steps once that long has passed since the last save."""
+    config = short_run(synthetic_config())
+    config.checkpoint_every_steps, config.keep_checkpoints = 1000, 10
+    by_steps = train.train_and_evaluate(config.copy_and_resolve_references(), str(tmp_path / "steps"))
+    assert by_steps.finished and checkpoint.manager(tmp_path / "steps", read_only=True).all_steps() == [12]
+    config.checkpoint_every_minutes = 1e-9  # always passed when looked at: at each logging step (3, 6, 9)
+    train.train_and_evaluate(config, str(tmp_path / "minutes"))
+    assert checkpoint.manager(tmp_path / "minutes", read_only=True).all_steps() == [3, 6, 9, 12]
+
+
 def test_preemption_returns_what_happened(synthetic_config, tmp_path, monkeypatch):
     """SIGTERM during training: a checkpoint at the step it stopped at, and a result that says the run
     did not finish (no stale accuracies)."""

@@ -36,13 +36,11 @@ def test_users_own_setting_wins(monkeypatch):
 
 
 def test_single_process_needs_no_coordinator(monkeypatch):
-    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
-    runtime.initialize_distributed()  # returns without starting jax.distributed
-    assert runtime._launcher() is None
-    monkeypatch.setenv("SLURM_JOB_ID", "7")
-    monkeypatch.setenv("SLURM_NTASKS", "4")
-    assert runtime._launcher() == "slurm"
+    for name in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "OMPI_MCA_orte_hnp_uri",
+                 "KUBERNETES_SERVICE_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    assert runtime.detect_cluster() is None
+    assert runtime.initialize_distributed() is None  # returns without starting jax.distributed
 
 
 def test_coordinator_needs_process_count_and_id():

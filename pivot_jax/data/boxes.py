@@ -8,9 +8,11 @@ other text is an error, not a header).
 from __future__ import annotations
 
 import csv
+import io
 
 import ml_collections
 import numpy as np
+from etils import epath
 
 from pivot_jax import perturb
 from pivot_jax.errors import DataError
@@ -40,24 +42,24 @@ def read_box_file(path: str) -> dict[str, np.ndarray]:
     """{example_id: box} from the CSV at `path`; a DataError names the line of any bad row."""
     boxes = {}
     try:
-        with open(path, newline="") as file:
-            for line_number, row in enumerate(csv.reader(file), 1):
-                if not row:
-                    continue
-                if line_number == 1 and tuple(v.strip().lower() for v in row[1:]) == BOX_FILE_HEADER[1:]:
-                    continue  # the header: any id column name, then the four coordinates by name
-                if len(row) != 5 or not all(_is_number(v) for v in row[1:]):
-                    raise DataError(
-                        f"config.data.box_file {path}, line {line_number}: expected "
-                        f"'example_id,ymin,xmin,ymax,xmax' with numbers, got {','.join(row)!r}"
-                    )
-                box = np.asarray([float(v) for v in row[1:]], np.float32)
-                if not (0 <= box[0] <= box[2] <= 1 and 0 <= box[1] <= box[3] <= 1):
-                    raise DataError(
-                        f"config.data.box_file {path}, line {line_number}: box {box.tolist()} is not "
-                        "(ymin, xmin, ymax, xmax) with 0 <= min <= max <= 1"
-                    )
-                boxes[row[0].strip()] = box
+        text = epath.Path(path).read_text()  # a local path, gs://, or any store epath reads
+        for line_number, row in enumerate(csv.reader(io.StringIO(text, newline="")), 1):
+            if not row:
+                continue
+            if line_number == 1 and tuple(v.strip().lower() for v in row[1:]) == BOX_FILE_HEADER[1:]:
+                continue  # the header: any id column name, then the four coordinates by name
+            if len(row) != 5 or not all(_is_number(v) for v in row[1:]):
+                raise DataError(
+                    f"config.data.box_file {path}, line {line_number}: expected "
+                    f"'example_id,ymin,xmin,ymax,xmax' with numbers, got {','.join(row)!r}"
+                )
+            box = np.asarray([float(v) for v in row[1:]], np.float32)
+            if not (0 <= box[0] <= box[2] <= 1 and 0 <= box[1] <= box[3] <= 1):
+                raise DataError(
+                    f"config.data.box_file {path}, line {line_number}: box {box.tolist()} is not "
+                    "(ymin, xmin, ymax, xmax) with 0 <= min <= max <= 1"
+                )
+            boxes[row[0].strip()] = box
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise DataError(f"config.data.box_file: cannot read {path!r}: {error}") from None
     return boxes

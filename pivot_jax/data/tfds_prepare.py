@@ -9,13 +9,13 @@ error in seconds instead of TFDS's retries; TFDS's own errors are wrapped the sa
 from __future__ import annotations
 
 import os
-import pathlib
 import socket
 import tarfile
 import urllib.parse
 import urllib.request
 
 import ml_collections
+from etils import epath
 
 from pivot_jax.errors import DataError, first_line
 
@@ -25,23 +25,42 @@ PROBE_TIMEOUT_SECONDS = 10.0
 MANUAL_ARCHIVES = {"imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")}
 
 
-def check_manual_archives(name: str, manual_dir: pathlib.Path) -> None:
-    """A DataError naming the first archive of `name` that is missing, unreadable or truncated."""
+# The archive whose members are the classes (one `<synset>.tar` each), for the class count check.
+CLASS_ARCHIVES = {"imagenet2012": "ILSVRC2012_img_train.tar"}
+_TAR_BLOCK = 512
+
+
+def check_manual_archives(name: str, manual_dir, num_classes: int | None = None) -> None:
+    """A DataError naming the first archive of `name` that is missing, unreadable, truncated (inside a
+    member, or exactly at a member's end, where tar's two zero end-of-archive blocks are missing), or
+    that holds other than `num_classes` classes. `manual_dir` may be on any file system epath reads."""
+    manual_dir = epath.Path(manual_dir)
     expected = MANUAL_ARCHIVES.get(name, ())
     for file_name in expected:
         path = manual_dir / file_name
         if not path.is_file():
             raise DataError(f"{name}: {path} is missing; TFDS prepares {name} from {' and '.join(expected)} "
                             f"in {manual_dir}")
-        size = path.stat().st_size
+        size = path.stat().length
+        members, end = 0, 0
         try:
-            with tarfile.open(path, "r:") as archive:
+            with path.open("rb") as file, tarfile.open(fileobj=file, mode="r:") as archive:
                 for member in archive:  # headers only: the data is skipped over, not read
+                    members += 1
+                    end = member.offset_data + -(-member.size // _TAR_BLOCK) * _TAR_BLOCK
                     if member.offset_data + member.size > size:
                         raise DataError(f"{name}: {path} is truncated: its member {member.name} ends at byte "
                                         f"{member.offset_data + member.size:,}, the file has {size:,} bytes")
+                file.seek(end)
+                marker = file.read(2 * _TAR_BLOCK)
         except tarfile.TarError as error:
             raise DataError(f"{name}: {path} is not a readable tar archive ({error})") from None
+        if marker != bytes(2 * _TAR_BLOCK):
+            raise DataError(f"{name}: {path} is truncated: it ends after its member {members} at byte {size:,}, "
+                            "without tar's end-of-archive blocks (a copy cut short?)")
+        if num_classes is not None and CLASS_ARCHIVES.get(name) == file_name and members != num_classes:
+            raise DataError(f"{name}: {path} holds {members} classes (one archive each), config.data.num_classes "
+                            f"is {num_classes}; is it the whole {file_name}?")
 
 
 def network_reachable(host: str, port: int, timeout: float = PROBE_TIMEOUT_SECONDS) -> bool:
@@ -68,6 +87,40 @@ def download_endpoint(urls) -> tuple[str, int] | None:
     return url.hostname, url.port or default_port
 
 
+WAIT_MESSAGE_EVERY_SECONDS = 300.0
+WAIT_POLL_SECONDS = 10.0
+
+
+def _process_index_and_count() -> tuple[int, int]:
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
+def _wait_for_process_0(data: ml_collections.ConfigDict, where: str):
+    """The data set once process 0 has prepared it. Several hosts preparing one data set at once race
+    (TFDS renames into the same directory) and all lose hours of work; so only process 0 prepares,
+    and the others wait here. A process 0 that fails ends the run (jax.distributed's heartbeats)."""
+    import time
+
+    import tensorflow_datasets as tfds
+    from absl import logging
+
+    started, said = time.monotonic(), -WAIT_MESSAGE_EVERY_SECONDS
+    while True:
+        dataset = tfds.builder(data.name, data_dir=data.data_dir or os.environ.get("TFDS_DATA_DIR"),
+                               file_format="array_record")
+        if dataset.is_prepared():
+            return dataset
+        waited = time.monotonic() - started
+        if waited - said >= WAIT_MESSAGE_EVERY_SECONDS:
+            said = waited
+            logging.warning("Waiting for process 0 to prepare %s in %s (%d min so far); `launch/tpu/pod.sh prepare` "
+                            "or `python -m pivot_jax.prepare` prepares it once ahead of training.",
+                            data.name, where, waited // 60)
+        time.sleep(WAIT_POLL_SECONDS)
+
+
 def builder(data: ml_collections.ConfigDict):
     """The prepared TFDS builder of `config.data`; prepares it (offline from the manual dir) if needed."""
     import tensorflow_datasets as tfds
@@ -80,7 +133,7 @@ def builder(data: ml_collections.ConfigDict):
             f"config.data.name: {data.name!r} is not a TFDS data set ({str(error).splitlines()[0]}); "
             "use a TFDS name or 'folder' with config.data.folder"
         ) from None
-    manual_dir = pathlib.Path(data.manual_dir or pathlib.Path(dataset.data_dir_root) / "downloads" / "manual")
+    manual_dir = epath.Path(data.manual_dir or epath.Path(dataset.data_dir_root) / "downloads" / "manual")
     how_offline = (
         f"To prepare it offline, put the data set's original files in {manual_dir} (or point "
         f"--config.data.manual_dir at them) and run again: TFDS then prepares it without the network."
@@ -94,6 +147,8 @@ def builder(data: ml_collections.ConfigDict):
                 "it again in another --config.data.data_dir."
             )
         return dataset
+    if _process_index_and_count()[0] > 0:
+        return _wait_for_process_0(data, dataset.data_dir)
     has_manual = manual_dir.is_dir() and any(manual_dir.iterdir())
     if not has_manual:
         if not data.download:
@@ -108,7 +163,7 @@ def builder(data: ml_collections.ConfigDict):
                 f"{endpoint[0]}:{endpoint[1]} is unreachable. " + how_offline
             )
     if has_manual:
-        check_manual_archives(data.name, manual_dir)
+        check_manual_archives(data.name, manual_dir, data.num_classes)
     from absl import logging
 
     logging.info("Preparing %s in %s%s.", data.name, dataset.data_dir,
