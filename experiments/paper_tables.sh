@@ -16,9 +16,10 @@
 # A checkpoint is written every tenth of the schedule, at most 1,000 steps apart, so an interruption
 # costs little.
 # A training stopped for preemption (SIGTERM) ends the script with status 75: run it again to resume.
-# KEEP (a directory, e.g. docs/results) receives each row as soon as it finishes or diverges, without
-# its checkpoints: KEEP/<dataset>_<steps>/<row>_seed<s>/ with config.json, eval/results.json, the sweep
-# plot, the wall time (or diverged.txt), ready to commit; pivot_jax.report reads those directories.
+# KEEP (a directory, e.g. docs/results) receives each row as soon as it finishes or diverges:
+# KEEP/<dataset>_<steps>/<row>_seed<s>/ with config.json, eval/results.json, the sweep plot, the wall
+# time (or diverged.txt) and the final model without optimizer state (`pivot_jax.publish`), ready to
+# commit; pivot_jax.report reads those directories, and pivot_jax.evaluate --workdir=<it> reruns one.
 set -euo pipefail
 dataset="${1:?usage: $0 mnist|cifar10 STEPS RUN_ROOT}"
 steps="${2:?usage: $0 mnist|cifar10 STEPS RUN_ROOT}"
@@ -66,6 +67,10 @@ keep_row() {
   for file in diverged.txt eval/results.json eval/sweeps.png eval/corruptions.png eval/wall_seconds_last_session.txt; do
     if [[ -f "${workdir}/${file}" ]]; then mkdir -p "$(dirname "${kept}/${file}")" && cp "${workdir}/${file}" "${kept}/${file}"; fi
   done
+  # The final model beside its results (no optimizer state): `pivot_jax.evaluate --workdir=KEPT` reruns it.
+  if [[ -f "${workdir}/eval/results.json" && ! -d "${kept}/checkpoints" ]]; then
+    (cd "$repo" && python -m pivot_jax.publish "--workdir=${workdir}" "--out=${kept}")
+  fi
   echo "== ${name} seed ${seed}: kept in ${kept}"
 }
 

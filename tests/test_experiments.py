@@ -77,6 +77,7 @@ case "$2" in
       diverge) echo "TrainingError: non-finite gradient norm by step 50"; exit 1 ;;
     esac ;;
   pivot_jax.evaluate) touch "$workdir/eval/sweeps.png" ;;
+  pivot_jax.publish) out="${4#--out=}" && mkdir -p "$out/checkpoints/100" ;;
 esac
 """
 
@@ -119,9 +120,11 @@ def test_paper_tables_stops_on_preemption_without_evaluating_the_unfinished_run(
 
     status, output, modules = paper_tables("finish", "clean noise_mixed")  # the same command resumes
     assert status == 0, output
-    assert modules == ["pivot_jax.train", "pivot_jax.evaluate"] * 2 + ["pivot_jax.report"] * 2
+    # Each finished row is kept with its model published beside its results.
+    assert modules == ["pivot_jax.train", "pivot_jax.evaluate", "pivot_jax.publish"] * 2 + ["pivot_jax.report"] * 2
     kept = tmp_path / "keep" / "mnist_100"
     assert json.loads((kept / "noise_mixed_seed0" / "eval" / "results.json").read_text())["step"] == 100
+    assert (kept / "noise_mixed_seed0" / "checkpoints" / "100").is_dir()
 
     status, output, modules = paper_tables("finish", "clean noise_mixed")  # nothing left to train
     assert status == 0 and modules == ["pivot_jax.report"] * 2, output

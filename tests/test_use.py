@@ -3,6 +3,7 @@ export for edge devices. All use one 300-step MNIST run (`mnist_trained_run`).""
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -259,3 +260,33 @@ def test_jpeg_on_the_device_gives_the_accuracy_of_pils_jpeg(mnist_trained_run, t
         accuracy_pil = np.mean(np.argmax(direct_logits(workdir, config, np.stack(encoded)), -1) == labels)
         accuracy_ours = np.mean(np.argmax(direct_logits(workdir, config, ours), -1) == labels)
         assert abs(accuracy_pil - accuracy_ours) <= 0.005, (quality, accuracy_pil, accuracy_ours)
+
+
+def test_a_published_model_evaluates_and_predicts_as_the_run(mnist_trained_run, test_images, tmp_path):
+    """`pivot_jax.publish`: the model alone (no optimizer state), restored by evaluate and predict as they
+    restore the run, with the run's accuracy; an existing published model is never overwritten."""
+    workdir, config, result = mnist_trained_run
+    out = tmp_path / "published"
+    published = run_module("publish", f"--workdir={workdir}", f"--out={out}")
+    assert published.returncode == 0, published.stderr[-3000:]
+    assert f"published the model of step {TRAINED_STEPS} of {workdir} in {out}" in published.stdout
+    _, state = checkpoint.saved_state(out)
+    assert set(state) == set(checkpoint.MODEL_FIELDS)  # no opt_state, no step
+    _, whole = checkpoint.saved_state(workdir)
+    jax.tree.map(np.testing.assert_array_equal, state["params"], whole["params"])
+    size = sum(p.stat().st_size for p in (out / "checkpoints").rglob("*") if p.is_file())
+    assert size < 0.6 * sum(p.stat().st_size for p in (pathlib.Path(workdir) / "checkpoints" / str(TRAINED_STEPS))
+                            .rglob("*") if p.is_file())
+    evaluated = run_module("evaluate", f"--workdir={out}", "--config.sweep_evals=()")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads((out / "eval" / "results.json").read_text())["accuracy"]["clean"] == result.accuracy["clean"]
+    images, _ = test_images
+    paths = []
+    for index, image in enumerate(images[:4]):
+        paths.append(str(tmp_path / f"digit_{index}.png"))
+        Image.fromarray(np.asarray(image)[..., 0]).save(paths[-1])
+    from_run = run_module("predict", f"--workdir={workdir}", "--format=json", *paths)
+    from_published = run_module("predict", f"--workdir={out}", "--format=json", *paths)
+    assert from_published.returncode == 0 and from_published.stdout == from_run.stdout
+    again = run_module("publish", f"--workdir={workdir}", f"--out={out}")
+    assert again.returncode != 0 and "exists; publish into a folder without checkpoints" in again.stderr
