@@ -34,8 +34,10 @@ CHECKSUMS, DAMAGED = "checkpoint_checksums", "damaged_checkpoints"
 
 
 def checkpoint_dir(workdir) -> epath.Path:
-    """Where a run's checkpoints live: `<workdir>/checkpoints/<step>/`."""
-    return epath.Path(workdir) / "checkpoints"
+    """Where a run's checkpoints live: `<workdir>/checkpoints/<step>/`, as an absolute path (Orbax
+    refuses relative ones, so a run given `--workdir=run` would fail at its first save)."""
+    path = epath.Path(workdir) / "checkpoints"
+    return path if "://" in str(path) else path.resolve()
 
 
 def manager(workdir, *, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:

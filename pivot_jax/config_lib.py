@@ -32,6 +32,7 @@ FIELDS_A_RESUME_MAY_CHANGE = (
     "allow_config_change", "evals", "sweep_evals", "data.data_dir", "data.manual_dir", "data.folder",
     "data.num_threads", "data.prefetch", "data.download", "data.eval_batch_size", "data.test_examples",
     "profile_steps", "model.conv", "perturb.frost_photos", "checkpoint_every_minutes", "tensorboard_dir",
+    "init_from_required",
 )
 
 # Fields added after runs were already saved, with the value that gives those runs' behaviour: a
@@ -246,8 +247,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     for field in ("num_train_steps", "batch_size", "log_every_steps", "eval_every_steps",
                   "checkpoint_every_steps", "keep_checkpoints"):
         _require(isinstance(c[field], int) and c[field] >= 1, field, c[field], "an int >= 1")
-    _require(isinstance(c.checkpoint_every_minutes, (int, float)) and c.checkpoint_every_minutes >= 0,
-             "checkpoint_every_minutes", c.checkpoint_every_minutes, "a number of minutes >= 0 (0: by steps only)")
+    minutes = c.get("checkpoint_every_minutes", 0.0)  # absent from the configs that runs saved before it existed
+    _require(isinstance(minutes, (int, float)) and minutes >= 0, "checkpoint_every_minutes", minutes,
+             "a number of minutes >= 0 (0: by steps only)")
     _require(isinstance(c.profile_steps, int) and c.profile_steps >= 0, "profile_steps", c.profile_steps,
              "an int >= 0 (0: no profile)")
 

@@ -72,7 +72,7 @@ def row_label(config: dict) -> str:
     label = "Pivot loss, symmetric" if config["loss"].get("symmetric") else "Pivot loss (Ours)"
     # Another strength of L_dist is another row (the released code's ½·Σ at its λ2 is our Σ at half of it).
     lam2 = config["loss"].get("lam2", PIVOT_LAM2)
-    return label if lam2 == PIVOT_LAM2 else f"{label}, λ2 = {lam2:g}"
+    return label if lam2 == PIVOT_LAM2 else f"{label}, λ2 = " + f"{lam2:g}".replace("e-0", "e-")
 
 
 def _row_rank(row: str) -> tuple[int, str]:

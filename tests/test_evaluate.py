@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import pytest
 import scipy.stats
 
 from conftest import CONFIGS, EIGHT_DEVICES, ONE_DEVICE, REPO, report_title_and_columns, run_train
-from pivot_jax import checkpoint, config_lib, data, evaluate, models, report, results
+from pivot_jax import checkpoint, config_lib, data, evaluate, models, report, results, workdirs
 from test_train import logged_scalars, saved_params
 
 
@@ -317,3 +318,30 @@ def test_holm_families_are_per_pivot_row(tmp_path):
     assert lines["clean"].endswith("| holds | 0.000 | holds |")
     assert lines["noise_0.05"].endswith(f"| {p_noise:.3f} | holds | {2 * p_noise:.3f} | cannot be told apart |")
     assert lines["noise_0.15"].endswith("| 1.000 | cannot be told apart | 1.000 | cannot be told apart |")
+
+
+PUBLISHED = sorted(path.parent.parent.parent for path in (REPO / "docs" / "results").glob("*/*/checkpoints/*/state"))
+
+
+def test_every_published_model_has_its_checksums_and_no_optimizer_state():
+    assert PUBLISHED, "docs/results publishes at least one model"
+    for run in PUBLISHED:
+        (step,) = [p.name for p in (run / "checkpoints").iterdir()]
+        assert (run / checkpoint.CHECKSUMS / f"{step}.json").exists() and checkpoint.verify(run, int(step)) is None
+        assert json.loads((run / "eval" / "results.json").read_text())["step"] == int(step)
+        assert not list((run / "checkpoints").rglob("*opt_state*"))
+
+
+@pytest.mark.slow
+def test_a_published_mnist_model_gives_its_committed_clean_accuracy(mnist_data_dir, tmp_path):
+    """The committed weights, restored as `pivot_jax.evaluate --workdir=<run dir>` restores them, on the
+    real MNIST test split: the accuracy its results.json publishes."""
+    run = next(p for p in PUBLISHED if p.parent.name.startswith("mnist"))
+    shutil.copytree(run, tmp_path / run.name)  # evaluation writes eval/: not into the repository
+    config = workdirs.saved_config(tmp_path / run.name)
+    config.data.data_dir, config.data.download = mnist_data_dir, False
+    config.evals, config.sweep_evals = ("clean",), ()
+    again = evaluate.evaluate_checkpoint(config, str(tmp_path / run.name))
+    published = json.loads((run / "eval" / "results.json").read_text())
+    assert again["step"] == published["step"] and again["num_examples"] == published["num_examples"]["clean"] == 10_000
+    assert abs(again["accuracy"]["clean"] - published["accuracy"]["clean"]) <= 0.0005  # 5 of 10,000 images

@@ -66,6 +66,14 @@ def test_a_crash_after_a_checkpoint_resumes_bit_exact(synthetic_config, tmp_path
     jax.tree.map(np.testing.assert_array_equal, whole, cut)
 
 
+def test_a_relative_workdir_trains_and_resumes(synthetic_config, tmp_path, monkeypatch):
+    """Orbax wants absolute paths: `--workdir=run` from the current folder must checkpoint all the same."""
+    monkeypatch.chdir(tmp_path)
+    result = train.train_and_evaluate(short_run(synthetic_config()), "run")
+    assert result.finished and checkpoint.manager(tmp_path / "run", read_only=True).all_steps() == [6, 12]
+    assert (tmp_path / "run" / "eval" / "results.json").exists()
+
+
 def test_checkpoints_by_time_as_well_as_by_steps(synthetic_config, tmp_path):
     """checkpoint_every_minutes saves at the logging steps once that long has passed since the last save."""
     config = short_run(synthetic_config())
