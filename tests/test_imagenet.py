@@ -224,8 +224,8 @@ def test_only_process_0_prepares_while_the_others_wait(imagenet, tmp_path, monke
     config = imagenet_config(tmp_path / "tfds")
     config.data.num_classes = len(made["synsets"])
     # The main thread is process 1 of 2; a second thread, started a moment later, is process 0.
-    monkeypatch.setattr(tfds_prepare, "_process_index_and_count",
-                        lambda: (1 if threading.current_thread() is threading.main_thread() else 0, 2))
+    monkeypatch.setattr(tfds_prepare, "_process_index",
+                        lambda: 1 if threading.current_thread() is threading.main_thread() else 0)
     monkeypatch.setattr(tfds_prepare, "WAIT_POLL_SECONDS", 0.2)
     preparers = []
     original = tfds.core.DatasetBuilder.download_and_prepare

@@ -91,10 +91,18 @@ WAIT_MESSAGE_EVERY_SECONDS = 300.0
 WAIT_POLL_SECONDS = 10.0
 
 
-def _process_index_and_count() -> tuple[int, int]:
+def _process_index() -> int:
     import jax
 
-    return jax.process_index(), jax.process_count()
+    return jax.process_index()
+
+
+def _array_record_builder(data: ml_collections.ConfigDict):
+    """TFDS's builder of `config.data`'s data set in its data dir (config, then $TFDS_DATA_DIR)."""
+    import tensorflow_datasets as tfds
+
+    return tfds.builder(data.name, data_dir=data.data_dir or os.environ.get("TFDS_DATA_DIR"),
+                        file_format="array_record")
 
 
 def _wait_for_process_0(data: ml_collections.ConfigDict, where: str):
@@ -103,13 +111,11 @@ def _wait_for_process_0(data: ml_collections.ConfigDict, where: str):
     and the others wait here. A process 0 that fails ends the run (jax.distributed's heartbeats)."""
     import time
 
-    import tensorflow_datasets as tfds
     from absl import logging
 
     started, said = time.monotonic(), -WAIT_MESSAGE_EVERY_SECONDS
     while True:
-        dataset = tfds.builder(data.name, data_dir=data.data_dir or os.environ.get("TFDS_DATA_DIR"),
-                               file_format="array_record")
+        dataset = _array_record_builder(data)  # anew each time: a builder reads its info when made
         if dataset.is_prepared():
             return dataset
         waited = time.monotonic() - started
@@ -125,9 +131,8 @@ def builder(data: ml_collections.ConfigDict):
     """The prepared TFDS builder of `config.data`; prepares it (offline from the manual dir) if needed."""
     import tensorflow_datasets as tfds
 
-    data_dir = data.data_dir or os.environ.get("TFDS_DATA_DIR")
     try:
-        dataset = tfds.builder(data.name, data_dir=data_dir, file_format="array_record")
+        dataset = _array_record_builder(data)
     except tfds.core.registered.DatasetNotFoundError as error:
         raise DataError(
             f"config.data.name: {data.name!r} is not a TFDS data set ({str(error).splitlines()[0]}); "
@@ -147,7 +152,7 @@ def builder(data: ml_collections.ConfigDict):
                 "it again in another --config.data.data_dir."
             )
         return dataset
-    if _process_index_and_count()[0] > 0:
+    if _process_index() > 0:
         return _wait_for_process_0(data, dataset.data_dir)
     has_manual = manual_dir.is_dir() and any(manual_dir.iterdir())
     if not has_manual:
