@@ -4,22 +4,27 @@ The state is saved as a nested dict of arrays, so that it restores into whatever
 caller asks for (a checkpoint written on 8 devices restores on 1 and the other way round), and so
 that evaluation and fine-tuning can restore only the parts they need.
 
-Damage is detected and survived. When a checkpoint is complete, the SHA-256 of each of its files is
-written to `<workdir>/checkpoint_checksums/<step>.json`; restoring checks them first, so flipped bytes
-or a truncated file are found before Orbax reads anything. A checkpoint that fails its checksums, or
-that Orbax cannot read, is skipped for the newest older one that restores, with a warning that names
-both; it is never deleted (training moves it to `<workdir>/damaged_checkpoints/` so that the step can
-be saved again). A full disk is reported as such, on one line.
+Damage is detected and survived. The SHA-256 of each file of a checkpoint is written to
+`<workdir>/checkpoint_checksums/<step>.json` as part of committing it (before Orbax's rename, or its
+commit file on GCS), so every checkpoint that is listed has its checksums, even after a SIGKILL; restoring
+checks them first, so flipped bytes or a truncated file are found before Orbax reads anything. A
+checkpoint without checksums (written by an older version) is restored unverified, with a warning, and
+only if its values are finite. A checkpoint that fails its checksums, or that Orbax cannot read, is
+skipped for the newest older one that restores, with a warning that names both; it is never deleted
+(training moves it to `<workdir>/damaged_checkpoints/<step>`, then `<step>.1`, ..., so that the step can be
+saved again). A full disk is reported as such, on one line.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
 import json
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -31,6 +36,8 @@ STATE, DATA = "state", "data"
 # What evaluation and fine-tuning need of a train state.
 MODEL_FIELDS = ("params", "batch_stats", "input_mean")
 CHECKSUMS, DAMAGED = "checkpoint_checksums", "damaged_checkpoints"
+# Orbax rewrites this file of a step while committing it (the commit time): it has no checksum.
+_COMMIT_METADATA = "_CHECKPOINT_METADATA"
 
 
 def checkpoint_dir(workdir) -> epath.Path:
@@ -40,16 +47,37 @@ def checkpoint_dir(workdir) -> epath.Path:
     return path if "://" in str(path) else path.resolve()
 
 
+class _ChecksumsBeforeCommit:
+    """Orbax's commit of a step, preceded by writing the step's checksums: a step is listed only once
+    it is committed, so no listed step lacks them (a run killed in between leaves an uncommitted step,
+    which Orbax removes, and a stale checksum file, which the next save removes)."""
+
+    async def finalize(self):
+        await asyncio.to_thread(_record_checksums, self.get(), self.get_final())
+        await super().finalize()
+
+
+class _RenameWithChecksums(_ChecksumsBeforeCommit, ocp.path.atomicity.AtomicRenameTemporaryPath):
+    pass
+
+
+class _CommitFileWithChecksums(_ChecksumsBeforeCommit, ocp.path.atomicity.CommitFileTemporaryPath):
+    pass
+
+
 def manager(workdir, *, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
     """Asynchronous saves that keep the last `keep`; only complete checkpoints are ever listed."""
+    directory = checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         create=not read_only,
         read_only=read_only,
         enable_async_checkpointing=not read_only,
         cleanup_tmp_directories=not read_only,
+        # Orbax's own choice for the storage (a commit file on GCS, a rename elsewhere), with checksums.
+        temporary_path_class=_CommitFileWithChecksums if str(directory).startswith("gs://") else _RenameWithChecksums,
     )
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+    return ocp.CheckpointManager(directory, options=options)
 
 
 def _disk_full(error: BaseException) -> bool:
@@ -87,16 +115,16 @@ def save(mngr: ocp.CheckpointManager, workdir, step: int, state, data_iterator=N
 
 
 def wait_until_finished(mngr: ocp.CheckpointManager, workdir) -> None:
-    """Waits for the pending save, then writes the checksums of every complete checkpoint."""
+    """Waits for the pending save, then removes the checksums of checkpoints that are gone."""
     try:
         mngr.wait_until_finished()
     except Exception as error:
         raise _storage_error(error, workdir, "saving a checkpoint") from None
     if jax.process_index() == 0:
         try:
-            _record_checksums(mngr, workdir)
+            _remove_stale_checksums(mngr, workdir)
         except OSError as error:
-            raise _storage_error(error, workdir, "writing checkpoint checksums") from None
+            raise _storage_error(error, workdir, "removing stale checkpoint checksums") from None
 
 
 def _files(folder: epath.Path) -> list[epath.Path]:
@@ -115,27 +143,37 @@ def _sha256(path: epath.Path) -> str:
     return digest.hexdigest()
 
 
-def _record_checksums(mngr: ocp.CheckpointManager, workdir) -> None:
+def _record_checksums(written: epath.Path, final: epath.Path) -> None:
+    """Writes the checksums of the step being committed, whose files are in `written` and will be at
+    `final` (`<workdir>/checkpoints/<step>`); Orbax calls this on process 0 only."""
     from pivot_jax import results
 
-    folder = epath.Path(workdir) / CHECKSUMS
-    steps = set(mngr.all_steps())
+    if not final.name.isdigit():
+        return  # an item of a step (Orbax commits those too), not a step
+    workdir = final.parent.parent
+    sums = {str(p.relative_to(written)): _sha256(p) for p in _files(written) if p.name != _COMMIT_METADATA}
+    folder = workdir / CHECKSUMS
     folder.mkdir(parents=True, exist_ok=True)
-    for step in steps:
-        target = folder / f"{step}.json"
-        if target.exists():
-            continue
-        step_dir = checkpoint_dir(workdir) / str(step)
-        sums = {str(p.relative_to(step_dir)): _sha256(p) for p in _files(step_dir)}
-        results.write_atomically(target, json.dumps(sums, indent=0) + "\n")
+    results.write_atomically(folder / f"{final.name}.json", json.dumps(sums, indent=0) + "\n")
+
+
+def _remove_stale_checksums(mngr: ocp.CheckpointManager, workdir) -> None:
+    folder = epath.Path(workdir) / CHECKSUMS
+    if not folder.exists():
+        return
+    steps = set(mngr.all_steps())
     for stale in folder.glob("*.json"):
         if stale.stem.isdigit() and int(stale.stem) not in steps:
-            stale.unlink()  # Orbax deleted that checkpoint (keep_checkpoints)
+            stale.unlink()  # Orbax deleted that checkpoint (keep_checkpoints), or never committed it
+
+
+def has_checksums(workdir, step: int) -> bool:
+    return (epath.Path(workdir) / CHECKSUMS / f"{step}.json").exists()
 
 
 def verify(workdir, step: int) -> str | None:
     """What is wrong with the checkpoint at `step` by its checksums; None if it matches them (or
-    has none: a checkpoint whose process was killed before they were written)."""
+    has none: see `has_checksums`)."""
     path = epath.Path(workdir) / CHECKSUMS / f"{step}.json"
     if not path.exists():
         return None
@@ -163,6 +201,23 @@ def _restore_state(mngr, step, state, sharding, data_iterator):
     return serialization.from_state_dict(state, restored[STATE])
 
 
+def _non_finite(tree, what: str) -> str | None:
+    """What is not finite in `tree`'s floating-point arrays (a checkpoint restored unverified)."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(leaf))):
+            return f"{what}{jax.tree_util.keystr(path)} has non-finite values"
+    return None
+
+
+def _check_unverified(workdir, step: int) -> bool:
+    """Whether the checkpoint at `step` is restored without checksums (saying so)."""
+    if has_checksums(workdir, step):
+        return False
+    logging.warning("The checkpoint at step %d of %s has no checksums (saved by an older version of pivot_jax): "
+                    "restoring it unverified, and only if its values are finite.", step, workdir)
+    return True
+
+
 def restore(mngr: ocp.CheckpointManager, workdir, state, sharding, data_iterator=None):
     """The newest checkpoint that is intact, as `state` laid out with `sharding` (also rewinds
     `data_iterator`); returns (state, step).
@@ -174,11 +229,14 @@ def restore(mngr: ocp.CheckpointManager, workdir, state, sharding, data_iterator
     for step in sorted(mngr.all_steps(), reverse=True):
         problem = verify(workdir, step)
         if problem is None:
+            unverified = _check_unverified(workdir, step)
             try:
                 restored = _restore_state(mngr, step, state, sharding, data_iterator)
             except Exception as error:  # a damaged checkpoint can make Orbax or grain raise anything
                 problem = first_line(error)
             else:
+                problem = _non_finite(serialization.to_state_dict(restored), "state") if unverified else None
+            if problem is None:
                 for bad_step, reason in damaged:
                     logging.warning("The checkpoint at step %d is damaged (%s); resuming from step %d instead. "
                                     "It is kept in %s.", bad_step, reason, step, epath.Path(workdir) / DAMAGED)
@@ -190,17 +248,27 @@ def restore(mngr: ocp.CheckpointManager, workdir, state, sharding, data_iterator
                           "config changed, restore it; else move the checkpoints away to start afresh.")
 
 
+def _free_name(folder: epath.Path, name: str) -> str:
+    """`name`, or `name.1`, `name.2`, ...: the first that is not taken in `folder`."""
+    candidate, copy = name, 0
+    while (folder / candidate).exists() or (folder / f"{candidate}.checksums.json").exists():
+        copy += 1
+        candidate = f"{name}.{copy}"
+    return candidate
+
+
 def _move_aside(mngr: ocp.CheckpointManager, workdir, steps: list[int]) -> None:
     if not steps:
         return
     if jax.process_index() == 0:
         target = epath.Path(workdir) / DAMAGED
         target.mkdir(parents=True, exist_ok=True)
-        for step in steps:
-            (checkpoint_dir(workdir) / str(step)).rename(target / f"{step}")
+        for step in steps:  # a step damaged again keeps every earlier copy
+            name = _free_name(target, str(step))
+            (checkpoint_dir(workdir) / str(step)).rename(target / name)
             checksums = epath.Path(workdir) / CHECKSUMS / f"{step}.json"
             if checksums.exists():
-                checksums.rename(target / f"{step}.checksums.json")
+                checksums.rename(target / f"{name}.checksums.json")
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -231,6 +299,7 @@ def restore_model(workdir, model_state: dict, sharding, step: int | None = None)
         for candidate in candidates:
             problem = verify(workdir, candidate)
             if problem is None:
+                unverified = _check_unverified(workdir, candidate)
                 try:
                     restored = mngr.restore(candidate, args=ocp.args.Composite(**{STATE: restore_args}))[STATE]
                 except (ValueError, KeyError, TypeError) as error:
@@ -242,6 +311,8 @@ def restore_model(workdir, model_state: dict, sharding, step: int | None = None)
                 except Exception as error:  # a damaged checkpoint can make Orbax raise anything
                     problem = first_line(error)
                 else:
+                    problem = _non_finite(restored, "model") if unverified else None
+                if problem is None:
                     for bad, reason in problems:
                         logging.warning("The checkpoint at step %d is damaged (%s); using step %d instead.",
                                         bad, reason, candidate)

@@ -8,6 +8,8 @@ A config file builds `base_config(...)` with its data set's paper settings and a
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 
 import ml_collections
 
@@ -37,7 +39,17 @@ FIELDS_A_RESUME_MAY_CHANGE = (
 
 # Fields added after runs were already saved, with the value that gives those runs' behaviour: a
 # config.json without them reads as if it had them (evaluation, export, and resuming such a run).
-FIELDS_ADDED_LATER = {"optim.warmup_steps": 0, "perturb.corruption_table": "auto", "perturb.frost_photos": ""}
+FIELDS_ADDED_LATER = {"optim.warmup_steps": 0, "perturb.corruption_table": "auto", "perturb.frost_photos": "",
+                      "checkpoint_every_minutes": 0.0, "tensorboard_dir": "", "init_from_required": ""}
+
+
+@functools.cache
+def field_names() -> frozenset[str]:
+    """Every config field by dotted name (every config file starts from `base_config`, adding none)."""
+    from flax import traverse_util
+
+    config = base_config(None, batch_size=8)
+    return frozenset(traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep="."))
 
 
 def parse_arg(arg: str | None, default_perturb: str = "noise") -> dict[str, str | bool | int]:
@@ -247,7 +259,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     for field in ("num_train_steps", "batch_size", "log_every_steps", "eval_every_steps",
                   "checkpoint_every_steps", "keep_checkpoints"):
         _require(isinstance(c[field], int) and c[field] >= 1, field, c[field], "an int >= 1")
-    minutes = c.get("checkpoint_every_minutes", 0.0)  # absent from the configs that runs saved before it existed
+    minutes = c.checkpoint_every_minutes
     _require(isinstance(minutes, (int, float)) and minutes >= 0, "checkpoint_every_minutes", minutes,
              "a number of minutes >= 0 (0: by steps only)")
     _require(isinstance(c.profile_steps, int) and c.profile_steps >= 0, "profile_steps", c.profile_steps,

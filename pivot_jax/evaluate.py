@@ -69,10 +69,13 @@ class Evaluator:
         )
         correct = np.zeros(len(self.names), np.float64)
         counted = 0.0
-        for local_batch in dataset:
-            batch_correct, batch_count = self._step(model_state, sharding.global_batch(local_batch, self.mesh))
-            correct += np.asarray(jax.device_get(batch_correct), np.float64)
-            counted += float(batch_count)
+        conditions_named = self.names[0] if len(self.names) == 1 else f"{len(self.names)} test conditions"
+        with runtime.progress(total=num_examples, desc=f"Evaluating {conditions_named}") as bar:
+            for local_batch in dataset:
+                batch_correct, batch_count = self._step(model_state, sharding.global_batch(local_batch, self.mesh))
+                correct += np.asarray(jax.device_get(batch_correct), np.float64)
+                counted += float(batch_count)
+                bar.update(int(batch_count))
         if int(counted) != num_examples:
             raise RuntimeError(f"evaluated {counted} examples, expected {num_examples}")
         return {name: float(c / num_examples) for name, c in zip(self.names, correct)}, num_examples
@@ -132,8 +135,12 @@ def main(argv):
         runtime.initialize_from_flags()
         result = evaluate_checkpoint(runtime.config_from_flags(), flags.FLAGS.workdir, flags.FLAGS.step,
                                      flags.FLAGS.baseline)
+        runtime.finish_peer_watch()
     except UserError as error:
         sys.exit(f"error: {error}")
+    except Exception as error:
+        runtime.wait_for_lost_peer(error)
+        raise
     if jax.process_index() == 0:
         print((epath.Path(result["dir"]) / "results.md").read_text(), flush=True)
 

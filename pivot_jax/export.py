@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from etils import epath
 
 from pivot_jax import config_lib, data, evaluate, runtime, workdirs
@@ -63,7 +63,8 @@ def calibration_images(config: ml_collections.ConfigDict, workdir, count: int) -
     chosen = np.random.default_rng(CALIBRATION_SEED).choice(split.num_examples, min(count, split.num_examples),
                                                              replace=False)
     prepare = augment.EvalTransform(config.data)
-    return np.stack([prepare.map(split.source[int(i)])["image"] for i in sorted(chosen)])
+    return np.stack([prepare.map(split.source[int(i)])["image"]
+                     for i in runtime.progress(sorted(chosen), desc="Calibration images")])
 
 
 def _tf_module(serve, input_shape):
@@ -89,7 +90,25 @@ def _tflite(serve, image_shape, calibration: np.ndarray | None) -> bytes:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: ([image[None]] for image in calibration)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    return converter.convert()
+    # The converter prints its settings from C++ ("input_inference_type: FLOAT32", which reads as wrong
+    # for an int8 model whose input is uint8 by export.json): kept out of the console, shown on failure
+    # and with --verbosity=1.
+    with tempfile.TemporaryFile("w+") as captured:
+        saved_stderr = os.dup(2)
+        sys.stderr.flush()
+        os.dup2(captured.fileno(), 2)
+        try:
+            return converter.convert()
+        except Exception:
+            os.dup2(saved_stderr, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read())
+            raise
+        finally:
+            os.dup2(saved_stderr, 2)
+            os.close(saved_stderr)
+            captured.seek(0)
+            logging.debug("TFLite converter output:\n%s", captured.read())
 
 
 def _size(path: epath.Path) -> int:
@@ -106,9 +125,38 @@ def _copy_tree(source: epath.Path, target: epath.Path) -> None:
             (root / name).copy(folder / name)
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def clean_after_killed_exports(out: epath.Path) -> None:
+    """What an export killed midway left beside `out` on a local disk (its process is gone): its
+    partial copy is removed, and an old export it had moved aside is put back if the new one never
+    took its place. (On gs:// a process cannot be asked whether it lives: leftovers stay, hidden.)"""
+    if "://" in str(out) or not out.parent.exists():
+        return
+    for leftover in sorted(out.parent.glob(f".{out.name}.*-*")):
+        kind, _, pid = leftover.name.removeprefix(f".{out.name}.").rpartition("-")
+        if kind not in ("partial", "replaced") or not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        if kind == "replaced" and not out.exists():
+            leftover.rename(out)
+            logging.warning("Put back the export at %s that an interrupted export (process %s) had moved aside.",
+                            out, pid)
+        else:
+            leftover.rmtree()
+
+
 def check_output(out, overwrite: bool) -> epath.Path:
     """Refuses an existing `--out` unless `overwrite`; before anything is computed."""
     out = epath.Path(out)
+    clean_after_killed_exports(out)
     if out.exists() and not overwrite:
         raise ConfigError(f"--out: {out} exists; choose another path or pass --overwrite to replace it")
     if not out.parent.exists():

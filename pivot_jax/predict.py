@@ -29,7 +29,7 @@ from absl import app, flags
 from PIL import Image
 
 from pivot_jax import config_lib, evaluate, perturb, runtime, workdirs
-from pivot_jax.data import augment
+from pivot_jax.data import augment, sources
 from pivot_jax.errors import ConfigError, DataError, UserError
 
 FORMATS = ("text", "json", "csv")
@@ -44,9 +44,10 @@ class PreparedImage:
 
 
 def expand_paths(patterns: list[str]) -> list[str]:
-    """Files named by the arguments, globs expanded (`**` included), in the order given."""
+    """Files named by the arguments, in the order given: globs expanded (`**` included), and a
+    directory's image files (by extension, its subdirectories included) in sorted order."""
     if not patterns:
-        raise DataError("no images given: pass image files or globs after the flags")
+        raise DataError("no images given: pass image files, directories or globs after the flags")
     paths = []
     for pattern in patterns:
         if glob.has_magic(pattern):
@@ -54,10 +55,17 @@ def expand_paths(patterns: list[str]) -> list[str]:
             if not matches:
                 raise DataError(f"{pattern!r} matches no file")
             paths.extend(matches)
+        elif pathlib.Path(pattern).is_dir():
+            extensions = Image.registered_extensions()
+            images = sorted(str(p) for p in pathlib.Path(pattern).rglob("*")
+                            if p.is_file() and p.suffix.lower() in extensions)
+            if not images:
+                raise DataError(f"{pattern} is a directory with no image files (by extension) in it")
+            paths.extend(images)
         elif pathlib.Path(pattern).is_file():
             paths.append(pattern)
         else:
-            raise DataError(f"{pattern}: no such file")
+            raise DataError(f"{pattern}: no such file or directory")
     return paths
 
 
@@ -65,19 +73,12 @@ def prepare_image(path: str, data: ml_collections.ConfigDict) -> PreparedImage:
     """Reads `path` and brings it to the run's input contract; a DataError names a file that is not a
     readable image."""
     size, channels = data.image_size, data.channels
-    try:
-        with Image.open(path) as image:
-            image.load()
-            mode, (width, height) = image.mode, image.size
-            converted = image.convert("L" if channels == 1 else "RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise DataError(f"cannot read the image {path}: {error}") from None
+    pixels, mode = sources.read_image(path, channels)
+    height, width = pixels.shape[:2]
     notes = []
     wanted_mode = "L" if channels == 1 else "RGB"
     if mode != wanted_mode:
         notes.append(f"converted from {mode} to {wanted_mode}")
-    pixels = np.asarray(converted, np.uint8)
-    pixels = pixels[..., None] if channels == 1 else pixels
     if data.augment == "imagenet":
         example = {"image": pixels, "label": 0, "box": np.zeros(4, np.float32)}
         pixels = augment.EvalTransform(data).map(example)["image"]
@@ -168,7 +169,15 @@ def main(argv):
         config = runtime.config_from_flags()
         check_flags(config, args.perturb, args.top_k)
         paths = expand_paths(argv[1:])
-        images = [prepare_image(path, config.data) for path in paths]
+        images, unreadable = [], 0
+        for path in paths:  # like other batch tools: every readable file is classified, each other one named
+            try:
+                images.append(prepare_image(path, config.data))
+            except DataError as error:
+                print(f"error: {error}", file=sys.stderr, flush=True)
+                unreadable += 1
+        if not images:
+            raise DataError(f"none of the {len(paths)} files given could be read as an image")
         probabilities, step = predict_probabilities(config, args.workdir, np.stack([i.pixels for i in images]),
                                                     args.perturb, args.step)
         names = class_names(args.workdir, probabilities.shape[1])
@@ -176,6 +185,9 @@ def main(argv):
     except UserError as error:
         sys.exit(f"error: {error}")
     print(render(images, ranked, args.format, args.perturb, step), flush=True)
+    if unreadable:
+        sys.exit(f"error: {unreadable} of {len(paths)} files could not be read (each is named above); "
+                 "the others are classified")
 
 
 if __name__ == "__main__":

@@ -104,6 +104,11 @@ def load_run(run_dir) -> dict:
             "results": run_results}
 
 
+def _seeds_cell(seeds: list[str]) -> str:
+    """How many seeds, then which: `3: 0, 1, 2`; `1: 0` (a lone seed id 0 would read as none)."""
+    return f"{len(seeds)}: {', '.join(seeds)}"
+
+
 def _diverged_step(run: dict) -> str:
     match = re.search(r"by step (\d+)", run["diverged"] or "")
     return match.group(1) if match else "?"
@@ -164,7 +169,7 @@ def _comparisons(groups: dict[str, list[dict]], columns: list[str]) -> list[str]
                         continue
                     result = paired_difference([100 * p["results"]["accuracy"][column] for p, _ in usable],
                                                [100 * c["results"]["accuracy"][column] for _, c in usable])
-                    seeds = ", ".join(str(p["config"]["seed"]) for p, _ in usable)
+                    seeds = _seeds_cell([str(p["config"]["seed"]) for p, _ in usable])
                     compared.append((pivot_row, control_row, column, seeds, result))
     if not compared:
         return []
@@ -214,7 +219,7 @@ def _corruption_lines(groups: dict[str, list[dict]], rows: list[str], baseline: 
                       "|---|---|---|---|" + ("---|---|" if baseline else "")]
         accuracies = [m["results"]["accuracy"] for m in suite_runs]
         suites = {len(conditions.evaluated_suite(a)) for a in accuracies}
-        cells = [", ".join(str(m["config"]["seed"]) for m in suite_runs), "/".join(str(n) for n in sorted(suites)),
+        cells = [_seeds_cell([str(m["config"]["seed"]) for m in suite_runs]), "/".join(str(n) for n in sorted(suites)),
                  _mean_sd([100 * conditions.suite_mean(a) for a in accuracies])]
         if baseline:
             for error in (conditions.mean_corruption_error, conditions.relative_mean_corruption_error):
@@ -253,7 +258,7 @@ def build_report(runs: list[dict], columns: list[str] | None = None, title: str 
             if column in paper:
                 cell += f" ({paper[column]:.1f})"
             cells.append(cell)
-        seeds = ", ".join(str(m["config"]["seed"]) + (" (diverged)" if m["diverged"] else "") for m in members)
+        seeds = _seeds_cell([str(m["config"]["seed"]) + (" (diverged)" if m["diverged"] else "") for m in members])
         # One step when the seeds agree, else each seed's, in the order of the seeds column.
         ends = [str(m["results"]["step"]) if not m["diverged"] else f"diverged by {_diverged_step(m)}" for m in members]
         steps = ends[0] if len(set(ends)) == 1 else ", ".join(ends)

@@ -49,13 +49,32 @@ def write_atomically(path, text: str) -> None:
     temporary.replace(path)
 
 
-def read_results(eval_dir) -> dict | None:
-    """The `results.json` in `eval_dir`, or None where there is none (or it cannot be parsed)."""
-    path = epath.Path(eval_dir) / "results.json"
+def read_json(path, expected: type, remedy: str):
+    """The JSON value in the workdir file `path`, of type `expected` (dict or list): every workdir file
+    is read here, so that a damaged one ends in one ConfigError naming it, what is wrong, and `remedy`."""
+    path = epath.Path(path)
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path} is not valid JSON ({error}); {remedy}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file; {remedy}") from None
+    if not isinstance(value, expected):
+        raise ConfigError(f"{path}: expected a JSON {'object' if expected is dict else 'list'}, got "
+                          f"{type(value).__name__} ({str(value)[:60]!r}); {remedy}")
+    return value
+
+
+def read_results(eval_dir) -> dict | None:
+    """The `results.json` in `eval_dir`, or None where there is none."""
+    path = epath.Path(eval_dir) / "results.json"
+    if not path.exists():
         return None
+    found = read_json(path, dict, "move it away to evaluate again")
+    if not isinstance(found.get("accuracy"), dict):
+        raise ConfigError(f"{path}: field accuracy: expected an object of accuracies by test condition; "
+                          "move the file away to evaluate again")
+    return found
 
 
 def read_baseline(run_dir) -> dict:
@@ -188,8 +207,8 @@ def plot_sweeps(curves: dict[str, list[dict[str, float]]], path) -> None:
     lr_axis.minorticks_off()
     for axis in (noise_axis, lr_axis):
         axis.grid(alpha=0.3)
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize=7)
+        if axis.get_legend_handles_labels()[0]:  # below the axes: inside, it hid the first points
+            axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     _save_figure(figure, path, dpi=110)
 
 
@@ -201,7 +220,7 @@ def _save_figure(figure, path, dpi: int) -> None:
     path = epath.Path(path)
     temporary = path.parent / f".{path.name}.tmp-{os.getpid()}.png"
     with temporary.open("wb") as file:  # matplotlib opens plain paths only; epath reaches gs:// too
-        figure.savefig(file, dpi=dpi, format="png")
+        figure.savefig(file, dpi=dpi, format="png", bbox_inches="tight")  # legends outside the axes included
     plt.close(figure)
     temporary.replace(path)
 

@@ -186,6 +186,9 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
             f"{str(error).splitlines()[0][:300]}. Check that all {num_processes} processes were started with "
             "the same coordinator address."
         ) from None
+    global _peer_watch
+    _peer_watch = PeerWatch(jax.process_index(), jax.process_count(), silence_seconds=timeout_seconds / 2)
+    _peer_watch.start()
     return where
 
 
@@ -251,6 +254,125 @@ def define_config_flag(argv: list[str]) -> None:
     config_flags.DEFINE_config_dict("config", saved, "The run's config (default: DIR/config.json).")
 
 
+class _Lines:
+    """tqdm's redraws as plain lines, for a log file (a redraw on a terminal is a carriage return)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").strip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress(iterable=None, *, total: int | None = None, desc: str, unit: str = "img"):
+    """A tqdm progress bar for a wait of more than a few seconds (evaluation, the mean, calibration):
+    redrawn on a terminal, a plain line every 30 s in a log file; process 0 alone shows it."""
+    import jax
+    from tqdm import tqdm
+
+    terminal = sys.stderr.isatty()
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=jax.process_index() != 0,
+                file=sys.stderr if terminal else _Lines(sys.stderr), mininterval=0.5 if terminal else 30.0,
+                dynamic_ncols=terminal, ascii=not terminal)
+
+
+class Progress:
+    """Where this process's run is, for the message that ends it when a peer is lost."""
+
+    step: int | None = None  # the last step trained
+    checkpoint: int | None = None  # the last step saved
+
+
+class PeerWatch(threading.Thread):
+    """Ends this process with one `error:` line when a peer process dies or goes silent mid-run.
+
+    JAX's runtime notices a lost peer too, after `--distributed_timeout`, but it then aborts the process
+    from C++ (a check failure and a thread dump, no word of which process or what to do). Here each
+    process publishes a heartbeat in the coordination service's key-value store and watches the others';
+    a peer silent for `silence_seconds` (half the runtime's timeout, so this comes first) ends this
+    process saying which one, at which step, and how to resume. A process that finished its work says
+    so (`finish`), so that its exit is not a loss. (The loss of process 0, which hosts the coordination
+    service, the runtime itself reports at once, from C++: no Python code runs before it aborts.)
+    """
+
+    KEY = "pivot_jax/alive"
+    DONE = "done"
+
+    def __init__(self, process_id: int, num_processes: int, silence_seconds: float):
+        super().__init__(name="pivot_jax peer watch", daemon=True)
+        from jax._src import distributed
+
+        self.client = distributed.global_state.client
+        self.process_id, self.num_processes = process_id, num_processes
+        self.silence_seconds = silence_seconds
+        self.period = min(5.0, silence_seconds / 5)
+        self._finished = threading.Event()
+
+    def run(self) -> None:
+        import time
+
+        beat, start = 0, time.monotonic()
+        last_value: dict[int, str | None] = {}
+        last_change = {i: start for i in range(self.num_processes) if i != self.process_id}
+        while not self._finished.wait(self.period):
+            beat += 1
+            try:
+                self.client.key_value_set(f"{self.KEY}/{self.process_id}", str(beat), allow_overwrite=True)
+                values = dict(self.client.key_value_dir_get(f"{self.KEY}/"))
+            except Exception:  # noqa: BLE001  (the coordinator is gone: the runtime ends the process)
+                continue
+            now = time.monotonic()
+            for peer in last_change:
+                value = values.get(f"{self.KEY}/{peer}")
+                if value == self.DONE:
+                    continue
+                if value != last_value.get(peer):
+                    last_value[peer], last_change[peer] = value, now
+                elif now - last_change[peer] >= self.silence_seconds:
+                    self._lost(f"process {peer} of {self.num_processes} died or stopped responding (no heartbeat "
+                               f"for {self.silence_seconds:.0f} s)")
+
+    def _lost(self, what: str) -> None:
+        if self._finished.is_set():
+            return
+        step = "before the first step" if Progress.step is None else f"at step {Progress.step}"
+        resume = ("the same command resumes from its last checkpoint" if Progress.checkpoint is None
+                  else f"the same command resumes from the last checkpoint (step {Progress.checkpoint})")
+        print(f"error: {what}, {step}; process {self.process_id} stops too. Once every process can run, "
+              f"{resume}.", file=sys.stderr, flush=True)
+        os._exit(1)  # the main thread may wait in a collective for the lost peer forever
+
+    def finish(self) -> None:
+        """This process's work is done: peers no longer wait for its heartbeat, nor it for theirs."""
+        self._finished.set()
+        try:
+            self.client.key_value_set(f"{self.KEY}/{self.process_id}", self.DONE, allow_overwrite=True)
+        except Exception:  # noqa: BLE001  (the coordinator may have finished first)
+            pass
+
+
+_peer_watch: PeerWatch | None = None
+
+
+def finish_peer_watch() -> None:
+    if _peer_watch is not None:
+        _peer_watch.finish()
+
+
+def wait_for_lost_peer(error: BaseException) -> None:
+    """Called with an unexpected error of a multi-process run: a collective fails at once when its peer
+    dies ("Gloo all-reduce failed: ... Connection reset by peer"), before the watch can say so. Gives
+    the watch its time to confirm the loss (it then ends the process with its one line); returns if
+    it does not, for the caller to report `error` itself."""
+    if _peer_watch is not None and not isinstance(error, UserError):
+        _peer_watch.join(timeout=_peer_watch.silence_seconds + 2 * _peer_watch.period)
+
+
 def initialize_from_flags() -> None:
     from absl import flags
 
@@ -265,6 +387,9 @@ class _QuietLibraries(logging.Filter):
     def filter(self, record) -> bool:
         if record.pathname.endswith("xla_bridge.py") and record.levelno < logging.WARNING:
             return False  # "Unable to initialize backend 'tpu'" and the like, on machines without one
+        if record.pathname.endswith("file_utils.py") and "Variant folder" in str(record.msg):
+            # TFDS listing the folders of a data dir it does not use; shown with --verbosity=1.
+            return logging.getLogger("absl").isEnabledFor(logging.DEBUG)
         if record.pathname.endswith("image_feature.py") and "OpenCV" in str(record.msg):
             return False  # TFDS recommends OpenCV for decoding; pivot_jax decodes with PIL on purpose
         if "/tensorflow/" in record.pathname and record.levelno < logging.WARNING:
@@ -348,6 +473,18 @@ def _cause(error: BaseException) -> BaseException:
 _CONFIG_LOADING_ERRORS = (AttributeError, KeyError, OSError, TypeError, ValueError)
 
 
+def _config_loading_error(error: BaseException, name: str, argv: list[str]) -> str:
+    """`--<name>: <what went wrong>`, naming the config file where the library names its own
+    internal module for it (`config_config`)."""
+    text = _one_line(_cause(error))
+    if "has no attribute 'get_config'" in text:
+        given = [arg.split("=", 1)[1] for arg in argv if arg.startswith(f"--{name}=")]
+        filename = given[-1].partition(":")[0] if given else "the config file"
+        text = (f"{filename} defines no get_config(arg=None), the function that returns the experiment's "
+                "ConfigDict (see configs/mnist.py)")
+    return f"--{name}: {text}"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with one `error:` line instead of a traceback for a bad flag or config."""
     from absl import flags
@@ -357,7 +494,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (flags.Error, UserError) as error:
         sys.exit(f"error: {_one_line(_cause(error))}")
     except _CONFIG_LOADING_ERRORS as error:
-        sys.exit(f"error: --config: {_one_line(_cause(error))}")
+        sys.exit(f"error: {_config_loading_error(error, 'config', argv)}")
 
 
 def config_from_flags(name: str = "config"):
@@ -373,4 +510,4 @@ def config_from_flags(name: str = "config"):
     except UserError:
         raise
     except _CONFIG_LOADING_ERRORS as error:
-        raise ConfigError(f"--{name}: {_one_line(_cause(error))}") from None
+        raise ConfigError(_config_loading_error(error, name, sys.argv)) from None

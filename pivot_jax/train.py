@@ -141,6 +141,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, is_main
     if is_main:
         workdirs.write_config(workdir, config, initial_step)
         workdirs.save_class_names(workdir, train_split.class_names)
+        workdirs.save_data_location(workdir, config.data)
         results.write_atomically(workdir / "parameters.txt",
                                  parameter_overview.get_parameter_overview(state.params) + "\n")
         logging.info("%s: %s parameters (each one's shape and statistics: %s).", config.model.name,
@@ -198,6 +199,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, is_main
         with report_progress.timed("checkpoint"):
             checkpoint.save(mngr, workdir, step, state, train_iter)
         last_save = time.monotonic()
+        runtime.Progress.checkpoint = step
 
     def checkpoint_due(step: int) -> bool:
         """By steps, or by `checkpoint_every_minutes` (checked at the logging steps). Every process must
@@ -215,11 +217,13 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, mesh, is_main
     logging.info("Training %s from step %d to %d on %d devices.", workdir, initial_step,
                  config.num_train_steps, mesh.size)
     step = initial_step
+    runtime.Progress.step, runtime.Progress.checkpoint = step, (step or None)
     try:
         while step < config.num_train_steps:
             batch = sharding.global_batch(next(train_iter), mesh)
             state, metrics = step_fns.step(state, batch)
             step += 1
+            runtime.Progress.step = step
             pending_metrics.append(metrics)
             for action in periodic:
                 action(step)
@@ -262,8 +266,12 @@ def main(argv):
     try:
         runtime.initialize_from_flags()
         train_and_evaluate(runtime.config_from_flags(), flags.FLAGS.workdir)
+        runtime.finish_peer_watch()
     except UserError as error:
         sys.exit(f"error: {error}")
+    except Exception as error:
+        runtime.wait_for_lost_peer(error)
+        raise
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     DIR/.lock             who is training in it (`WorkdirLock`)
     DIR/config.json       the run's config (an earlier one is kept as config.before_step_<N>.json)
     DIR/classes.json      the class names, in label order (label i is classes[i])
+    DIR/data_location.json  where training found a TFDS data set given only by $TFDS_DATA_DIR
     DIR/parameters.txt    the model's parameters: names, shapes, statistics at initialisation
     DIR/checkpoints/      Orbax checkpoints (pivot_jax.checkpoint), with checkpoint_checksums/ beside
                           them, and damaged_checkpoints/ where a damaged one was moved aside
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import socket
@@ -29,10 +31,33 @@ from pivot_jax import config_lib, results
 from pivot_jax.errors import ConfigError, TrainingError
 
 
+_CONFIG_REMEDY = "restore it from a copy, or pass the run's --config=FILE"
+
+
 def _flat(config_json: str) -> dict:
-    """A saved config's fields by dotted name, with the fields added since it was saved at their
-    defaults (config_lib.FIELDS_ADDED_LATER)."""
+    """A config's fields by dotted name, with the fields added since it was saved at their defaults
+    (config_lib.FIELDS_ADDED_LATER)."""
     return {**config_lib.FIELDS_ADDED_LATER, **traverse_util.flatten_dict(json.loads(config_json), sep=".")}
+
+
+def _saved_flat(path: epath.Path) -> dict:
+    """The fields of the saved config `path` by dotted name; a ConfigError names a field that is
+    missing or unknown (with the nearest known name)."""
+    flat = {**config_lib.FIELDS_ADDED_LATER,
+            **traverse_util.flatten_dict(results.read_json(path, dict, _CONFIG_REMEDY), sep=".")}
+    known = config_lib.field_names()
+    missing = sorted(known - set(flat))
+    if missing:
+        raise ConfigError(f"{path}: missing field{'s' if len(missing) > 1 else ''} {', '.join(missing)} (a run "
+                          f"saves every field); {_CONFIG_REMEDY}")
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        hints = []
+        for name in unknown:
+            near = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+            hints.append(f"{name} (did you mean {near[0]}?)" if near else name)
+        raise ConfigError(f"{path}: unknown field{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; {_CONFIG_REMEDY}")
+    return flat
 
 
 def check(workdir, config: ml_collections.ConfigDict) -> None:
@@ -48,7 +73,7 @@ def check(workdir, config: ml_collections.ConfigDict) -> None:
     saved_path = workdir / "config.json"
     if not saved_path.exists():
         return
-    saved, current = _flat(saved_path.read_text()), _flat(config.to_json_best_effort())
+    saved, current = _saved_flat(saved_path), _flat(config.to_json_best_effort())
     may_change = lambda key: any(key == f or key.startswith(f + ".") for f in config_lib.FIELDS_A_RESUME_MAY_CHANGE)
     changed = sorted(k for k in set(saved) | set(current) if not may_change(k) and saved.get(k) != current.get(k))
     if changed and not config.allow_config_change:
@@ -87,11 +112,32 @@ def saved_config(workdir) -> ml_collections.ConfigDict:
     if not path.exists():
         raise ConfigError(f"--workdir: {path} does not exist (a run saves it when it starts); "
                           "pass the run's --config=FILE instead")
-    try:
-        flat = _flat(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"--workdir: {path} is not valid JSON ({error}); pass the run's --config=FILE") from None
-    return _typed(traverse_util.unflatten_dict(flat, sep="."))
+    return _with_data_location(workdir, _typed(traverse_util.unflatten_dict(_saved_flat(path), sep=".")))
+
+
+DATA_LOCATION = "data_location.json"
+
+
+def save_data_location(workdir, data: ml_collections.ConfigDict) -> None:
+    """Records where training found its TFDS data when the config did not say (`$TFDS_DATA_DIR`), so
+    that evaluate, predict and export of the run find it again without being told."""
+    where = os.environ.get("TFDS_DATA_DIR")
+    if data.name == "folder" or data.data_dir or not where:
+        return
+    where = where if "://" in where else os.path.abspath(os.path.expanduser(where))
+    results.write_atomically(epath.Path(workdir) / DATA_LOCATION, json.dumps({"data_dir": where}, indent=1) + "\n")
+
+
+def _with_data_location(workdir, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with the data dir training used, where neither the config nor $TFDS_DATA_DIR gives one."""
+    path = epath.Path(workdir) / DATA_LOCATION
+    if config.data.data_dir or os.environ.get("TFDS_DATA_DIR") or not path.exists():
+        return config
+    where = results.read_json(path, dict, "remove it and give the data's location (TFDS_DATA_DIR)").get("data_dir")
+    if not isinstance(where, str):
+        raise ConfigError(f"{path}: field data_dir: expected the data dir training used (a string), got {where!r}")
+    config.data.data_dir = where
+    return config
 
 
 def save_class_names(workdir, class_names) -> None:
@@ -101,7 +147,12 @@ def save_class_names(workdir, class_names) -> None:
 def saved_class_names(workdir) -> tuple[str, ...] | None:
     """The run's class names in label order, or None for a run that did not save them."""
     path = epath.Path(workdir) / "classes.json"
-    return tuple(json.loads(path.read_text())) if path.exists() else None
+    if not path.exists():
+        return None
+    names = results.read_json(path, list, "restore it from a copy (it lists the class names in label order)")
+    if not all(isinstance(name, str) for name in names):
+        raise ConfigError(f"{path}: expected a list of class names (strings), got {str(names)[:80]}")
+    return tuple(names)
 
 
 class WorkdirLock:

@@ -10,6 +10,7 @@ skipped with the reason, except under CI, where they fail.
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -55,9 +56,21 @@ SLOWEST_FILES = ("test_train.py", "test_slurm.py", "test_use.py", "test_gcs.py",
                  "test_onednn.py", "test_reliability.py", "test_imagenet.py", "test_evaluate.py", "test_corruptions.py", "test_loop.py")
 
 
+# The fast tier (`pytest -m "not slow"`) leaves out what is marked `slow`: explicitly, or here, every
+# test of a file that is about whole training runs (multi-process, clusters, storage services, a trained
+# model, ImageNet's two stages), every test that reads the real data sets, and every test that uses a
+# trained run made by a fixture.
+SLOW_FILES = {"test_train.py", "test_distributed.py", "test_slurm.py", "test_gcs.py", "test_pod.py", "test_imagenet.py",
+              "test_use.py"}
+SLOW_FIXTURES = {"mnist_data_dir", "cifar_folder", "trained_on_eight", "trained_once", "constant_12", "uninterrupted_18"}
+
+
 def pytest_collection_modifyitems(items):
     rank = {name: index for index, name in enumerate(SLOWEST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+    for item in items:
+        if item.path.name in SLOW_FILES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_unconfigure(config):
@@ -66,10 +79,17 @@ def pytest_unconfigure(config):
         shutil.rmtree(cache, ignore_errors=True)
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now: tests never share fixed ports (two suites may run at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _require(path: pathlib.Path) -> None:
     if not path.exists():
-        message = (f"real test data {path} missing (set PIVOT_JAX_SHARED_DATA to a copy of the shared data "
-                   "folder); the synthetic-data tests cover the same code")
+        message = (f"real test data {path} missing: set PIVOT_JAX_SHARED_DATA to a folder holding mnist/ (MNIST's "
+                   f"four *-ubyte.gz files) and {CIFAR_ARCHIVE} (README); the synthetic-data tests cover the same code")
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)

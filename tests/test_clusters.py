@@ -6,14 +6,13 @@ and local devices (`pivot_jax.runtime.initialize_distributed`)."""
 import http.server
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, free_port
 
 # What each process runs: the project's own set-up, then what jax.distributed made of it.
 _JOIN = r"""
@@ -28,12 +27,6 @@ where = runtime.initialize_distributed(timeout_seconds=60)
 print(json.dumps({"where": where, "process_index": jax.process_index(), "process_count": jax.process_count(),
                   "visible_devices": jax.config.values["jax_cuda_visible_devices"], "devices": len(jax.devices())}))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def join(envs: list[dict]) -> list[dict]:

@@ -180,6 +180,7 @@ def test_shot_noise_is_poisson():
     assert np.allclose(counts, np.round(counts), atol=1e-4)  # whole counts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("c,level", [(60, 128), (3, 40), (500, 250), (50, 0)])
 def test_shot_noise_counts_follow_the_poisson_distribution(c, level):
     import scipy.stats
@@ -202,6 +203,7 @@ def test_impulse_noise_replaces_a_fraction_c_half_salt_half_pepper():
     assert np.all((out == 1.0) | (out == 0.0) | np.isclose(out, 128 / 255))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "glass_blur",
                                   "fog", "elastic_transform", "motion_blur", "snow"])
 def test_random_ops_depend_on_the_key_only(name):
@@ -306,6 +308,7 @@ def _published_plasma(key, mapsize, decay):
     return heights / heights.max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("table,size", [("cifar10", 32), ("imagenet", 224)])
 def test_fog_is_the_published_plasma_haze(table, size):
     image = smooth_images(1, size=size)[0] / 255.0
@@ -470,6 +473,7 @@ def test_eval_perturbation_applies_the_corruption_as_uint8(synthetic_config):
     np.testing.assert_allclose(np.round(out * 255), out * 255, atol=1e-4)  # stored as uint8
 
 
+@pytest.mark.slow
 def test_training_draws_a_corruption_and_severity_per_image(synthetic_config):
     config = synthetic_config("mode=pivot,perturb=jpeg_compression,smoke")
     config_lib.validate(config)
@@ -646,6 +650,7 @@ def frost_folder(tmp_path_factory):
     return write_photos(tmp_path_factory.mktemp("frost"), PHOTO_SIZES, _random_photo)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("table,size", [("cifar10", 32), ("imagenet", 224)])
 def test_frost_is_the_published_blend_of_a_photo_crop(frost_folder, table, size):
     import cv2
@@ -737,6 +742,7 @@ def test_frost_needs_its_photographs_and_names_the_field(tmp_path, synthetic_con
         config_lib.validate(config)
 
 
+@pytest.mark.slow
 def test_with_its_photographs_frost_joins_the_suite_in_evaluation_and_training(synthetic_config, tmp_path):
     # Photos of one colour each: a frosted constant image is clip(a v + b colour) for one severity's (a, b).
     def flat(index, height, width):

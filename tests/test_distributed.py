@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import pathlib
 import shutil
 import shlex
@@ -15,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import CONFIGS, REPO, run_train
+from conftest import CONFIGS, REPO, free_port, run_train
 from pivot_jax import checkpoint, evaluate
 
 LAUNCH = REPO / "launch"
@@ -31,7 +32,7 @@ def two_process_run(mnist_data_dir, tmp_path_factory):
     """2 processes x 2 fake devices, started by launch/local/run.sh, and 1 process x 4 devices."""
     root = tmp_path_factory.mktemp("distributed")
     result = subprocess.run(
-        ["bash", str(LAUNCH / "local" / "run.sh"), "--processes", "2", "--devices", "2", "--port", "12391", "--",
+        ["bash", str(LAUNCH / "local" / "run.sh"), "--processes", "2", "--devices", "2", "--port", str(free_port()), "--",
          sys.executable, "-m", "pivot_jax.train", *smoke_args(root / "two", mnist_data_dir),
          "--distributed_timeout=120"],
         cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -103,9 +104,10 @@ class Launched:
 
 def test_sigterm_stops_every_process_at_one_step_and_the_run_resumes(mnist_data_dir, tmp_path):
     """Preemption of a 2-process run: JAX's preemption sync manager tells both processes, they save
-    the same step and exit cleanly, and the rerun resumes. Three preemptions of one run: of process 1
-    only, then of every process before the rerun's first step, then of every process mid-training."""
-    command = ["bash", str(LAUNCH / "local" / "run.sh"), "--processes", "2", "--devices", "1", "--port", "12394",
+    the same step and exit cleanly, and the rerun resumes. Two preemptions of one run: of process 1
+    only, then of every process before the rerun's first step. (Every process preempted mid-training:
+    tests/test_slurm.py, through scancel.)"""
+    command = ["bash", str(LAUNCH / "local" / "run.sh"), "--processes", "2", "--devices", "1", "--port", str(free_port()),
                "--", sys.executable, "-m", "pivot_jax.train", *smoke_args(tmp_path, mnist_data_dir),
                "--config.num_train_steps=3000", "--config.checkpoint_every_steps=10000",
                "--config.eval_every_steps=10000", "--config.log_every_steps=10000", "--distributed_timeout=120"]
@@ -140,31 +142,62 @@ def test_sigterm_stops_every_process_at_one_step_and_the_run_resumes(mnist_data_
     again = stopped_step(rerun)
     assert stopped < again < 3000
 
-    # 3. Resumed again, every process preempted a few steps into training.
-    third = Launched(command)
-    third.wait_for(f"[0] Resumed from step {again}", "[0] Training ", "[1] Training ")
-    time.sleep(3)
-    third.process.send_signal(signal.SIGTERM)
-    assert stopped_step(third) > again
-
 
 def test_missing_coordinator_ends_with_a_clear_error(mnist_data_dir, tmp_path):
-    result = run_train([*smoke_args(tmp_path, mnist_data_dir), "--coordinator_address=127.0.0.1:12392",
+    port = free_port()
+    result = run_train([*smoke_args(tmp_path, mnist_data_dir), f"--coordinator_address=127.0.0.1:{port}",
                         "--num_processes=2", "--process_id=1", "--distributed_timeout=3"], timeout=120)
     assert result.returncode == 1
-    assert "error: process 1 could not reach the coordinator (process 0) at 127.0.0.1:12392 within 3 s" in result.stderr
+    assert f"error: process 1 could not reach the coordinator (process 0) at 127.0.0.1:{port} within 3 s" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_missing_peer_ends_the_run_instead_of_hanging(mnist_data_dir, tmp_path):
     """Process 0 waits for a peer that never comes: the runtime aborts it once the timeout passes."""
     start = time.time()
-    result = run_train([*smoke_args(tmp_path, mnist_data_dir), "--coordinator_address=127.0.0.1:12393",
+    port = free_port()
+    result = run_train([*smoke_args(tmp_path, mnist_data_dir), f"--coordinator_address=127.0.0.1:{port}",
                         "--num_processes=2", "--process_id=0", "--distributed_timeout=3"], timeout=120)
     assert result.returncode != 0 and time.time() - start < 60
-    assert "Process 0 of 2 joining 127.0.0.1:12393; local devices all; a peer missing for 3 s ends the run." in result.stderr
+    assert f"Process 0 of 2 joining 127.0.0.1:{port}; local devices all; a peer missing for 3 s ends the run." in result.stderr
     assert "DEADLINE_EXCEEDED" in result.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_peer_lost_mid_training_ends_the_survivor_with_one_line(mnist_data_dir, tmp_path):
+    """Process 1 SIGKILLed mid-run: process 0 ends within the timeout with an error line naming the
+    lost process, the step and how to resume, instead of the runtime's C++ abort."""
+    lost = 1
+    port, timeout = free_port(), 10
+    processes = []
+    for index in range(2):
+        args = [*smoke_args(tmp_path, mnist_data_dir), "--config.num_train_steps=100000",
+                "--config.checkpoint_every_steps=5", "--config.eval_every_steps=100000",
+                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={index}",
+                f"--distributed_timeout={timeout}"]
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+        processes.append(subprocess.Popen([sys.executable, "-m", "pivot_jax.train", *args], cwd=REPO, env=env,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "checkpoints" / "5").is_dir():  # training, and saved once
+            assert time.time() < deadline and all(p.poll() is None for p in processes), processes[0].stderr.read()[-3000:]
+            time.sleep(0.5)
+        processes[lost].kill()
+        killed_at = time.time()
+        survivor = processes[1 - lost]
+        _, stderr = survivor.communicate(timeout=120)
+        assert time.time() - killed_at < timeout + 5
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    assert survivor.returncode == 1, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: process 1 of 2 died or stopped responding (no heartbeat for 5 s)"), stderr[-3000:]
+    assert re.search(r", at step \d+; process \d stops too. Once every process can run, the same command resumes "
+                     r"from the last checkpoint \(step \d+\)\.$", last), last
+    assert "Traceback" not in stderr and "Check failed" not in stderr, stderr[-3000:]
 
 
 def dry_run(*command, env=None):

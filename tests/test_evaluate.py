@@ -65,6 +65,7 @@ def test_checkpoint_from_eight_devices_evaluates_the_same_on_one(trained_on_eigh
     assert "MR boxes: default centred box" in (workdir / "eval" / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_whole_split_is_evaluated_when_the_batch_does_not_divide_it(trained_on_eight, mnist_config):
     workdir, _, _ = trained_on_eight
     config = smoke_config(mnist_config)
@@ -77,6 +78,7 @@ def test_whole_split_is_evaluated_when_the_batch_does_not_divide_it(trained_on_e
     assert saved["num_examples"] == {"clean": 10_000}
 
 
+@pytest.mark.slow
 def test_accuracy_equals_a_direct_computation(trained_on_eight, mnist_config):
     workdir, _, _ = trained_on_eight
     config = smoke_config(mnist_config)
@@ -99,6 +101,7 @@ def test_accuracy_equals_a_direct_computation(trained_on_eight, mnist_config):
         assert result["accuracy"][name] == np.mean(logits.argmax(-1) == labels), name
 
 
+@pytest.mark.slow
 def test_evaluation_errors(trained_on_eight, mnist_config, tmp_path):
     workdir, _, _ = trained_on_eight
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in"):
@@ -123,6 +126,7 @@ def test_evaluation_errors(trained_on_eight, mnist_config, tmp_path):
     assert not (tmp_path / "eval").exists()
 
 
+@pytest.mark.slow
 def test_earlier_step_goes_to_its_own_folder(trained_on_eight, mnist_config):
     workdir, _, _ = trained_on_eight
     config = smoke_config(mnist_config)
@@ -159,15 +163,15 @@ def test_report_rows_seeds_and_paper_numbers(tmp_path):
         fake_run(tmp_path / "symmetric", "cifar10", "pivot", ("noise",), 0, {**base, "noise_0.15": 0.60}, True),
     ]
     text = report.write_report(runs, tmp_path / "out", columns=["clean", "noise_0.05", "noise_0.15"], title="Noise")
-    assert "| Clean only | 90.00 (91.6) | 80.00 (62.4) | 50.00 (16.6) | 0 |" in text
+    assert "| Clean only | 90.00 (91.6) | 80.00 (62.4) | 50.00 (16.6) | 1: 0 |" in text
     # Two seeds: mean ± sample standard deviation (70 and 74: 2.83), and each seed in its own table.
-    assert "| Pivot loss (Ours) | 90.00 ± 0.00 (90.8) | 80.00 ± 0.00 (89.6) | 72.00 ± 2.83 (81.7) | 0, 1 |" in text
+    assert "| Pivot loss (Ours) | 90.00 ± 0.00 (90.8) | 80.00 ± 0.00 (89.6) | 72.00 ± 2.83 (81.7) | 2: 0, 1 |" in text
     assert "| Pivot loss (Ours) | 1 | 90.00 | 80.00 | 74.00 | 100 |" in text
     assert "| Clean, Noisy | 90.00 (90.5)" in text
     main_table = text.split("Every seed:")[0]
     order = [line.split(" | ")[0] for line in main_table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     # The symmetric ablation is a row of its own, without the paper's numbers.
-    assert "| Pivot loss, symmetric | 90.00 | 80.00 | 60.00 | 0 |" in text
+    assert "| Pivot loss, symmetric | 90.00 | 80.00 | 60.00 | 1: 0 |" in text
     assert order == ["| Clean only", "| Clean, Noisy", "| Pivot loss (Ours)", "| Pivot loss, symmetric"]
     assert (tmp_path / "out" / "sweeps.png").stat().st_size > 10_000
     (tmp_path / "out" / "config.json").write_text("{}")
@@ -188,8 +192,8 @@ def test_report_compares_pivot_with_mixed_seed_by_seed_and_shows_diverged_runs(t
     runs.append(fake_run(tmp_path / "pivot0", "cifar10", "pivot", ("noise",), 0, {},
                          diverged="error: non-finite loss by step 450 (loss nan, gradient norm inf)"))
     text = report.write_report(runs, tmp_path / "out", columns=["clean", "noise_0.15"])
-    assert "| Pivot loss (Ours) | diverged (90.8) | diverged (81.7) | 0 (diverged) | diverged by 450 |" in text
-    assert "| Clean, Noisy, paired | 90.00 | 60.00 | 0 | 100 |" in text
+    assert "| Pivot loss (Ours) | diverged (90.8) | diverged (81.7) | 1: 0 (diverged) | diverged by 450 |" in text
+    assert "| Clean, Noisy, paired | 90.00 | 60.00 | 1: 0 | 100 |" in text
     lines = {tuple(cell.strip() for cell in line.split("|")[1:4]): line for line in text.splitlines()
              if line.startswith("| Pivot loss, symmetric | Clean")}
     # Mean +3.00, sd 1.00, t(2) 4.303: interval 3 ± 2.48, above zero, p 0.035. Holm over the row's two
@@ -199,7 +203,7 @@ def test_report_compares_pivot_with_mixed_seed_by_seed_and_shows_diverged_runs(t
     assert "| 1.000 | cannot be told apart | 1.000 | cannot be told apart |" in lines[
         ("Pivot loss, symmetric", "Clean, Noisy", "clean")]
     # Against the paired control only seed 0 exists: 52 - 60 = -8 points, but one seed tells nothing.
-    assert "| 0 | -8.00 | – | – | cannot be told apart (one seed) | – | – |" in lines[
+    assert "| 1: 0 | -8.00 | – | – | cannot be told apart (one seed) | – | – |" in lines[
         ("Pivot loss, symmetric", "Clean, Noisy, paired", "noise_0.15")]
     assert (tmp_path / "out" / "sweeps.png").stat().st_size > 10_000
 
@@ -212,9 +216,10 @@ def test_report_gives_each_seeds_end_in_seed_order_when_they_differ(tmp_path):
                      diverged="error: non-finite grad_norm by step 450 (loss nan, gradient norm nan)"),
             fake_run(tmp_path / "pivot2", "cifar10", "pivot", ("noise",), 2, base)]
     text = report.write_report(runs, tmp_path / "out", columns=["clean", "noise_0.15"])
-    assert "| 0 (diverged), 1 (diverged), 2 | diverged by 450, diverged by 300, 100 |" in text
+    assert "| 3: 0 (diverged), 1 (diverged), 2 | diverged by 450, diverged by 300, 100 |" in text
 
 
+@pytest.mark.slow
 def test_report_gives_the_suite_mean_and_mce_against_a_baseline(tmp_path):
     from pivot_jax import conditions
     from pivot_jax.errors import ConfigError
@@ -231,12 +236,12 @@ def test_report_gives_the_suite_mean_and_mce_against_a_baseline(tmp_path):
             fake_run(tmp_path / "mixed", "cifar10", "mixed", ("noise",), 0, {"clean": 0.9, "noise_0.15": 0.7})]
     text = report.write_report(runs, tmp_path / "out", columns=["clean", "noise_0.15"], baseline=clean_run)
     # Seeds 0 and 1: suite means 80 and 70; mCE 20/40 and 30/40; relative mCE 15/30 and 25/30 (of 100).
-    assert "| Pivot loss (Ours) | 0, 1 | 17 | 75.00 ± 7.07 | 62.50 ± 17.68 | 66.67 ± 23.57 |" in text
-    assert "| Clean only | 0 | 17 | 60.00 | 100.00 | 100.00 |" in text
+    assert "| Pivot loss (Ours) | 2: 0, 1 | 17 | 75.00 ± 7.07 | 62.50 ± 17.68 | 66.67 ± 23.57 |" in text
+    assert "| Clean only | 1: 0 | 17 | 60.00 | 100.00 | 100.00 |" in text
     assert "| Clean, Noisy |" not in text.split("Common corruptions")[1]  # not evaluated on the suite
     assert (tmp_path / "out" / "corruptions.png").stat().st_size > 10_000
     without = report.write_report(runs, tmp_path / "out2", columns=["clean"])
-    assert "| Pivot loss (Ours) | 0, 1 | 17 | 75.00 ± 7.07 |\n" in without and "relative mCE" not in without
+    assert "| Pivot loss (Ours) | 2: 0, 1 | 17 | 75.00 ± 7.07 |\n" in without and "relative mCE" not in without
     with pytest.raises(ConfigError, match="--baseline=.*mixed: its eval/results.json lacks 70 of the"):
         report.write_report(runs, tmp_path / "out3", baseline=str(tmp_path / "mixed"))
 

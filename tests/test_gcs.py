@@ -17,16 +17,10 @@ import time
 
 import pytest
 
-from conftest import CONFIGS, REPO, SYNTHETIC_CLASSES
+from conftest import CONFIGS, REPO, SYNTHETIC_CLASSES, free_port
 from imagenet_archives import box_xml
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +35,7 @@ def gcs(tmp_path_factory):
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    port, root = _free_port(), tmp_path_factory.mktemp("gcs")
+    port, root = free_port(), tmp_path_factory.mktemp("gcs")
     (root / "bucket").mkdir()  # a folder of the file-system backend's root is a bucket
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([str(_server._get_binary_path()), "-scheme", "http", "-backend", "filesystem",

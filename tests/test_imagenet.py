@@ -174,10 +174,19 @@ def test_pretrain_clean_then_finetune_pivot_with_boxes_on_eight_devices(imagenet
 def test_a_missing_or_truncated_archive_is_named_before_preparing(imagenet, tmp_path):
     data_dir, _, _ = imagenet
     manual = tmp_path / "tfds" / "downloads" / "manual"
-    manual.mkdir(parents=True)
-    shutil.copy(data_dir / "downloads" / "manual" / "ILSVRC2012_img_val.tar", manual)
     config = imagenet_config(tmp_path / "tfds")
-    with pytest.raises(DataError, match=r"ILSVRC2012_img_train.tar is missing; TFDS prepares imagenet2012 from"):
+    never = (r"TFDS never downloads imagenet2012; it prepares it from ILSVRC2012_img_train.tar and "
+             r"ILSVRC2012_img_val.tar put there .*image-net.org.*python -m pivot_jax.boxes_from_xml")
+    # No manual dir at all, then one with other files only, then one with one archive of the two: each
+    # time the archives, where they go and the box file are named (never the network).
+    with pytest.raises(DataError, match=r"ILSVRC2012_img_train.tar is missing from .*manual. " + never):
+        data.open_split(config.data, "validation")
+    manual.mkdir(parents=True)
+    (manual / "notes.txt").write_text("unrelated")
+    with pytest.raises(DataError, match=r"ILSVRC2012_img_train.tar is missing from .*manual. " + never):
+        data.open_split(config.data, "validation")
+    shutil.copy(data_dir / "downloads" / "manual" / "ILSVRC2012_img_val.tar", manual)
+    with pytest.raises(DataError, match=r"ILSVRC2012_img_train.tar is missing from .*manual. " + never):
         data.open_split(config.data, "validation")
     train = (data_dir / "downloads" / "manual" / "ILSVRC2012_img_train.tar").read_bytes()
     (manual / "ILSVRC2012_img_train.tar").write_bytes(train[: len(train) // 2])

@@ -29,6 +29,7 @@ def short_run(config, steps=12):
     return config
 
 
+@pytest.mark.slow
 def test_loop_learns_the_synthetic_classes(synthetic_config, tmp_path):
     config = short_run(synthetic_config("mode=pivot,perturb=noise,smoke"), steps=60)
     config.checkpoint_every_steps = config.eval_every_steps = 30
@@ -41,6 +42,7 @@ def test_loop_learns_the_synthetic_classes(synthetic_config, tmp_path):
     assert sorted(logged_scalars(tmp_path, "train/l_dist")) == list(range(3, 61, 3))
 
 
+@pytest.mark.slow
 def test_a_crash_after_a_checkpoint_resumes_bit_exact(synthetic_config, tmp_path, monkeypatch):
     """A run that dies after its step-6 checkpoint and is started again ends with the same
     parameters as a run that was never interrupted."""
@@ -66,6 +68,7 @@ def test_a_crash_after_a_checkpoint_resumes_bit_exact(synthetic_config, tmp_path
     jax.tree.map(np.testing.assert_array_equal, whole, cut)
 
 
+@pytest.mark.slow
 def test_a_relative_workdir_trains_and_resumes(synthetic_config, tmp_path, monkeypatch):
     """Orbax wants absolute paths: `--workdir=run` from the current folder must checkpoint all the same."""
     monkeypatch.chdir(tmp_path)
@@ -74,6 +77,7 @@ def test_a_relative_workdir_trains_and_resumes(synthetic_config, tmp_path, monke
     assert (tmp_path / "run" / "eval" / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_checkpoints_by_time_as_well_as_by_steps(synthetic_config, tmp_path):
     """checkpoint_every_minutes saves at the logging steps once that long has passed since the last save."""
     config = short_run(synthetic_config())
@@ -107,6 +111,7 @@ def test_preemption_returns_what_happened(synthetic_config, tmp_path, monkeypatc
     assert not (tmp_path / "eval" / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_hparams_keep_sequences_and_the_profile_is_written(synthetic_config, tmp_path):
     import tensorflow as tf
     from tensorboard.plugins.hparams import plugin_data_pb2
@@ -127,6 +132,7 @@ def test_hparams_keep_sequences_and_the_profile_is_written(synthetic_config, tmp
     assert list(tmp_path.glob("plugins/profile/*/*.xplane.pb")), "no profile trace"
 
 
+@pytest.mark.slow
 def test_evaluator_counts_every_example_once(synthetic_config):
     """40 test examples in batches of 16 (the last one padded): the evaluator's accuracy equals a
     direct computation for clean, LR and MR inputs."""
@@ -179,6 +185,7 @@ def benchmark_script():
     return module
 
 
+@pytest.mark.slow
 def test_the_benchmark_runs_the_training_step(benchmark_script, monkeypatch):
     """benchmarks/run.py measures the step that `train_step.build` makes, nothing of its own."""
     built, real_build = [], train_step.build

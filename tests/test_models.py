@@ -29,6 +29,7 @@ def test_resnet_depths_grow_with_blocks():
     assert len(steps) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cifar_resnet_output_and_dtype(dtype):
     model = models.get_model("resnet8", num_classes=7, dtype=dtype)
@@ -43,6 +44,7 @@ def test_cifar_resnet_output_and_dtype(dtype):
     assert any(float(jnp.abs(a - b).max()) > 0 for a, b in zip(before, after))
 
 
+@pytest.mark.slow
 def test_imagenet_resnet_output_shape():
     model = models.get_model("resnet18_imagenet", num_classes=5)
     x = jnp.ones((2, 64, 64, 3))

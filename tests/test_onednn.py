@@ -82,6 +82,7 @@ def test_the_models_have_the_expected_convolutions():
     assert len(CIFAR_SHAPES) >= 6 and len(IMAGENET_SHAPES) >= 15
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 128])
 @pytest.mark.parametrize("shape", CIFAR_SHAPES, ids=str)
 def test_cifar_and_mnist_convolutions_equal_lax(shape, batch):
@@ -89,6 +90,7 @@ def test_cifar_and_mnist_convolutions_equal_lax(shape, batch):
 
 
 # At 224 pixels, batch 32 runs the kernels batch 128 runs (see ResNet-50 below) in a quarter of the time.
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 32])
 @pytest.mark.parametrize("shape", RESNET18_SHAPES, ids=str)
 def test_resnet18_convolutions_equal_lax(shape, batch):
@@ -97,6 +99,7 @@ def test_resnet18_convolutions_equal_lax(shape, batch):
 
 # ResNet-50's wider layers at batch 128 would add minutes to the suite; batch 16 runs the same kernels
 # (oneDNN picks them by layer shape; the batch only sets how many images each thread takes).
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 16])
 @pytest.mark.parametrize("shape", RESNET50_ONLY_SHAPES, ids=str)
 def test_resnet50_convolutions_equal_lax(shape, batch):
@@ -127,6 +130,7 @@ def test_bfloat16_matches_lax_to_bfloat16_precision():
     assert y.dtype == jnp.float32 and float(jnp.abs(y - y_ref).max()) < 0.02 * float(jnp.abs(y_ref).max())
 
 
+@pytest.mark.slow
 def test_bfloat16_falls_back_to_lax_where_the_cpu_has_no_onednn_bfloat16(monkeypatch):
     monkeypatch.setattr(onednn, "bfloat16_supported", lambda: False)
     rng = np.random.default_rng(4)

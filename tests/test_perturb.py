@@ -91,6 +91,7 @@ def test_centered_box():
         perturb.centered_box(0.0)
 
 
+@pytest.mark.slow
 def test_batched_versions_equal_per_image_functions():
     images = jnp.asarray(np.stack([random_image(i) for i in range(6)]))
     boxes = jnp.asarray([[0.1, 0.2, 0.6, 0.9]] * 3 + [[0.0, 0.0, 0.5, 0.5]] * 3, jnp.float32)

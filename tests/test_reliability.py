@@ -19,7 +19,7 @@ from PIL import Image
 
 from conftest import CONFIGS, REPO, run_train, synthetic_config_maker
 from pivot_jax import checkpoint, data, evaluate, results, train, workdirs
-from pivot_jax.errors import CheckpointError, DataError, TrainingError
+from pivot_jax.errors import CheckpointError, ConfigError, DataError, TrainingError
 
 
 def short_run(config, steps=12):
@@ -125,6 +125,79 @@ def test_flipped_bytes_are_detected_even_when_orbax_reads_them(trained):
     assert "does not match its checksum" in checkpoint.verify(workdir, 12)
 
 
+def flip_a_byte(step_dir: pathlib.Path) -> None:
+    target = largest_array_file(step_dir)
+    raw = bytearray(target.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    target.write_bytes(bytes(raw))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_has_its_checksums_the_moment_it_exists(synthetic_folder, synthetic_config, tmp_path):
+    """SIGKILL right after a save commits (the usual bad end of a run), then bytes flipped in that
+    step: the resumed run finds the damage instead of training on it."""
+    args = [f"--config={CONFIGS / 'mnist.py'}:smoke", f"--workdir={tmp_path}", "--config.data.name=folder",
+            f"--config.data.folder={synthetic_folder}", "--config.data.num_classes=4",
+            "--config.num_train_steps=100000", "--config.checkpoint_every_steps=4",
+            "--config.eval_every_steps=100000", "--config.optim.lr_boundaries=()"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    running = subprocess.Popen([sys.executable, "-m", "pivot_jax.train", *args], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (tmp_path / "checkpoints" / "8").exists() and time.time() < deadline:
+            time.sleep(0.01)
+        running.send_signal(signal.SIGKILL)
+        running.wait()
+    finally:
+        if running.poll() is None:
+            running.kill()
+    steps = checkpoint.manager(tmp_path, read_only=True).all_steps()
+    assert 8 in steps
+    for step in steps:  # every listed step, the newest included, has its checksums and matches them
+        assert checkpoint.has_checksums(tmp_path, step) and checkpoint.verify(tmp_path, step) is None
+    newest = max(steps)
+    flip_a_byte(tmp_path / "checkpoints" / str(newest))
+    config = short_run(synthetic_config(), steps=newest + 2)
+    config.checkpoint_every_steps, config.optim.lr_boundaries = 4, ()
+    config.allow_config_change = True  # num_train_steps
+    assert train.train_and_evaluate(config, str(tmp_path)).step == newest + 2
+    assert (tmp_path / "damaged_checkpoints" / str(newest)).is_dir()
+
+
+def test_a_step_damaged_again_keeps_every_damaged_copy(synthetic_config, trained):
+    workdir = trained  # checkpoints at 6 and 12
+    config = short_run(synthetic_config())
+    for copy in ("12", "12.1", "12.2"):
+        flip_a_byte(workdir / "checkpoints" / "12")
+        assert train.train_and_evaluate(config, str(workdir)).step == 12  # resumed from 6, saved 12 again
+        assert (workdir / "damaged_checkpoints" / copy).is_dir()
+        assert (workdir / "damaged_checkpoints" / f"{copy}.checksums.json").is_file()
+    assert checkpoint.verify(workdir, 12) is None
+    assert sorted(p.name for p in (workdir / "damaged_checkpoints").iterdir() if p.is_dir()) == ["12", "12.1", "12.2"]
+
+
+def test_a_step_without_checksums_is_restored_only_if_finite(synthetic_config, trained, caplog):
+    """A checkpoint saved before checksums were part of the commit: restored with a warning, unless
+    a value is not finite, in which case the older step is used."""
+    workdir = trained
+    config = short_run(synthetic_config())
+    config.evals, config.sweep_evals = ("clean",), ()
+    (workdir / "checkpoint_checksums" / "12.json").unlink()
+    assert evaluate.evaluate_checkpoint(config, str(workdir))["step"] == 12
+    assert "step 12 of" in caplog.text and "has no checksums" in caplog.text
+    # A NaN written into step 12 (its size unchanged): now step 6 is used.
+    _, state = checkpoint.saved_state(workdir, 12)
+    state["params"] = jax.tree.map(lambda x: np.full_like(x, np.nan), state["params"])
+    shutil.rmtree(workdir / "checkpoints" / "12")
+    mngr = checkpoint.manager(workdir)
+    mngr.save(12, args=checkpoint.ocp.args.Composite(state=checkpoint.ocp.args.StandardSave(state)))
+    mngr.wait_until_finished()
+    mngr.close()
+    (workdir / "checkpoint_checksums" / "12.json").unlink()
+    assert evaluate.evaluate_checkpoint(config, str(workdir))["step"] == 6
+
+
 def test_no_intact_checkpoint_is_one_clear_error_and_nothing_is_moved(synthetic_config, trained):
     workdir = trained
     for step in (6, 12):
@@ -154,9 +227,66 @@ def test_a_damaged_checkpoint_in_the_cli_is_one_line(synthetic_folder, trained, 
 
 
 # ---------------------------------------------------------------------------------------------
+# Workdir files that are damaged or hand-edited.
+
+
+def edit_config(workdir: pathlib.Path, edit) -> None:
+    saved = json.loads((workdir / "config.json").read_text())
+    edit(saved)
+    (workdir / "config.json").write_text(json.dumps(saved))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: (c["model"].pop("name"), c["data"].pop("image_size")),
+     r"config.json: missing fields data.image_size, model.name \(a run saves every field\)"),
+    (lambda c: c.update(frobnicate=1), r"config.json: unknown field frobnicate; restore it"),
+    (lambda c: c["model"].update(dtyp="float32"), r"unknown field model.dtyp \(did you mean model.dtype\?\)"),
+    (lambda c: c.clear() or c.update(model=[]), "config.json: missing fields"),
+])
+def test_a_hand_edited_config_json_names_the_field(trained, edit, message):
+    edit_config(trained, edit)
+    with pytest.raises(ConfigError, match=message):
+        workdirs.saved_config(trained)
+
+
+def test_damaged_workdir_files_are_one_clear_error(synthetic_config, trained):
+    (trained / "classes.json").write_text('{"a": 1}')
+    with pytest.raises(ConfigError, match=r"classes.json: expected a JSON list, got dict"):
+        workdirs.saved_class_names(trained)
+    (trained / "eval" / "results.json").write_text("[1, 2")
+    with pytest.raises(ConfigError, match=r"results.json is not valid JSON \(.*\); move it away to evaluate again"):
+        results.read_results(trained / "eval")
+    (trained / "config.json").write_text('{"model": ')
+    with pytest.raises(ConfigError, match=r"config.json is not valid JSON \(.*\); restore it from a copy"):
+        workdirs.check(trained, synthetic_config())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["train", "evaluate"])
+def test_a_damaged_config_json_on_the_command_line_is_one_line(synthetic_folder, trained, module):
+    args = [f"--workdir={trained}"]
+    if module == "train":
+        (trained / "config.json").write_text('{"model": ')
+        args += [f"--config={CONFIGS / 'mnist.py'}:smoke", "--config.data.name=folder",
+                 f"--config.data.folder={synthetic_folder}", "--config.data.num_classes=4"]
+        expected = "config.json is not valid JSON"
+    else:  # the run's own config, from its workdir
+        edit_config(trained, lambda c: (c["model"].pop("name"), c.update(frobnicate=1)))
+        expected = "config.json: missing field model.name"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    done = subprocess.run([sys.executable, "-m", f"pivot_jax.{module}", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last, done.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
 # Two writers.
 
 
+@pytest.mark.slow
 def test_a_second_training_on_a_busy_workdir_is_refused(synthetic_folder, synthetic_config, tmp_path):
     args = [f"--config={CONFIGS / 'mnist.py'}:smoke", f"--workdir={tmp_path}", "--config.data.name=folder",
             f"--config.data.folder={synthetic_folder}", "--config.data.num_classes=4",
@@ -215,6 +345,7 @@ def tiny_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_the_run_resumes_once_there_is_space(synthetic_folder, tiny_disk, tmp_path):
     workdir = tiny_disk / "run"
     args = [f"--config={CONFIGS / 'mnist.py'}:mode=pivot,perturb=noise,smoke", f"--workdir={workdir}",
@@ -289,6 +420,7 @@ def test_an_empty_class_folder_is_an_error(synthetic_config, tmp_path):
         data.open_split(folder_config(synthetic_config, root).data, "train")
 
 
+@pytest.mark.slow
 def test_the_saved_class_list_is_what_evaluation_uses(synthetic_config, tmp_path):
     workdir = tmp_path / "run"
     train.train_and_evaluate(short_run(synthetic_config()), str(workdir))
@@ -315,6 +447,27 @@ def test_a_bad_image_file_is_named(synthetic_config, tmp_path, content, expected
         bad.write_bytes(content)
     with pytest.raises(DataError, match=f"cannot read the image {re.escape(str(bad))}: .*{expected}"):
         data.open_split(folder_config(synthetic_config, root).data, "train")
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_images_are_scaled_to_8_bits_not_clipped(channels):
+    import cv2
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(20, 100, (16, 16), dtype=np.uint8)  # mean about 60: clipping would make it 255
+    colour = np.stack([grey, grey // 2, grey // 3], -1)
+    expected = {1: grey[..., None], 3: np.repeat(grey[..., None], 3, -1)}[channels]
+    encoded = {}
+    for name, image in {"grey": grey, "colour": colour}.items():
+        ok, png = cv2.imencode(".png", (image.astype(np.uint16) * 257)[..., ::-1] if image.ndim == 3
+                               else image.astype(np.uint16) * 257)
+        assert ok
+        encoded[name] = png.tobytes()
+    np.testing.assert_array_equal(data.sources.decode_image(encoded["grey"], channels), expected)
+    decoded_colour = data.sources.decode_image(encoded["colour"], 3)
+    np.testing.assert_array_equal(decoded_colour, colour)
+    if channels == 3:  # ImageNet-style training decodes with OpenCV
+        np.testing.assert_array_equal(data.sources.decode_reduced(encoded["colour"], 3, 1, "colour.png"), colour)
 
 
 def test_an_image_of_another_size_is_named(synthetic_config, tmp_path):
@@ -352,6 +505,7 @@ def test_results_of_an_older_step_never_replace_newer_ones(tmp_path):
     assert not [p for p in eval_dir.iterdir() if ".tmp" in p.name]  # no temporary file left
 
 
+@pytest.mark.slow
 def test_the_non_finite_stop_says_when_no_checkpoint_exists(synthetic_config, tmp_path):
     config = short_run(synthetic_config())
     config.optim.learning_rate = 1e30
@@ -365,14 +519,20 @@ def test_the_non_finite_stop_says_when_no_checkpoint_exists(synthetic_config, tm
 # Flags, configs and the network.
 
 
+@pytest.mark.slow
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,expected", [
     (["--config.optim.learnin_rate=0.1"], 'error: --config: \'learnin_rate\' Did you mean "learning_rate"'),
     (["--config.perturb.max_sigma=1e9"], "error: config.perturb.max_sigma: got 1000000000.0, expected >= 0 and <= 2.0"),
     ("mode", "error: config argument mode: got 'pivt', expected one of"),
     ("missing", "error: --config: Configuration is not available"),
+    ("no get_config", "error: --config: {tmp_path}/settings.py defines no get_config(arg=None)"),
 ])
 def test_bad_flags_and_configs_are_one_line(tmp_path, flags, expected):
-    special = {"mode": f"{CONFIGS / 'mnist.py'}:mode=pivt", "missing": str(tmp_path / "nope.py")}
+    (tmp_path / "settings.py").write_text("learning_rate = 0.1\n")
+    expected = expected.format(tmp_path=tmp_path)
+    special = {"mode": f"{CONFIGS / 'mnist.py'}:mode=pivt", "missing": str(tmp_path / "nope.py"),
+               "no get_config": f"{tmp_path / 'settings.py'}:smoke"}
     config = special[flags] if isinstance(flags, str) else f"{CONFIGS / 'mnist.py'}:smoke"
     args = [f"--config={config}", f"--workdir={tmp_path / 'run'}", *([] if isinstance(flags, str) else flags)]
     result = run_train(args, timeout=120)

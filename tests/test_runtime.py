@@ -70,6 +70,7 @@ print(min(faults[10:]))  # the fewest of a call once the heap had time to reach 
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not runtime.sys.platform.startswith("linux"), reason="glibc's malloc only")
 def test_freed_memory_is_kept_so_steps_do_not_fault_their_temporaries_in_again(tmp_path):
     import subprocess
@@ -104,3 +105,12 @@ def test_cpu_backend_detection(monkeypatch):
     assert runtime._cpu_is_the_backend() is False
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     assert runtime._cpu_is_the_backend() is True
+
+
+def test_progress_in_a_log_file_is_plain_lines(capsys):
+    """Not a terminal (a log file, CI): whole lines, no carriage-return redraws, the last one complete."""
+    for _ in runtime.progress(range(300), desc="Evaluating 3 test conditions"):
+        pass
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and not any("\r" in line for line in lines)
+    assert lines[-1].startswith("Evaluating 3 test conditions: 100%") and "300/300" in lines[-1], lines

@@ -15,17 +15,11 @@ import time
 
 import pytest
 
-from conftest import CONFIGS, REPO, SYNTHETIC_CLASSES
+from conftest import CONFIGS, REPO, SYNTHETIC_CLASSES, free_port
 from pivot_jax import checkpoint
 
 pytestmark = pytest.mark.slow
 SUBMIT = REPO / "launch" / "slurm" / "submit.sh"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _unavailable(reason: str):
@@ -50,7 +44,7 @@ class LocalSlurm:
         (root / "gres.conf").write_text(f"AutoDetect=off\nNodeName={host} Name=gpu File={root}/dev/gpu[0-1]\n")
         self.conf.write_text("\n".join([
             "ClusterName=pivotjaxtest", f"SlurmctldHost={host}", "SlurmUser=root", "SlurmdUser=root",
-            "AuthType=auth/munge", f"AuthInfo=socket={root}/munge/socket", f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
+            "AuthType=auth/munge", f"AuthInfo=socket={root}/munge/socket", f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
             f"StateSaveLocation={root}/state", f"SlurmdSpoolDir={root}/spool",
             f"SlurmctldPidFile={root}/slurmctld.pid", f"SlurmdPidFile={root}/slurmd.pid",
             f"SlurmctldLogFile={root}/log/slurmctld.log", f"SlurmdLogFile={root}/log/slurmd.log",
@@ -171,8 +165,15 @@ def test_two_tasks_train_stop_on_term_and_resume_on_requeue(slurm, synthetic_fol
     wait_for_training(log, 0)
     assert f"Resumed from step {stopped} of {workdir}" in log.read_text()
     assert slurm.run("scancel", "--batch", "--signal=USR1", job).returncode == 0
-    # Slurm holds a requeued job back for about two minutes (its BeginTime) before it runs again. (Releasing
-    # it sooner with `scontrol update StartTime=now` races slurmd, which still counts the job as killed.)
+    # Slurm holds a requeued job back for about two minutes (its BeginTime) before it runs again. Once the
+    # node is idle again (slurmd done with the killed run: releasing it sooner races slurmd), the test
+    # releases it, as an operator would.
+    slurm.wait_for(job, ("PENDING",))
+    deadline = time.monotonic() + 60
+    while slurm.run("sinfo", "-h", "-o", "%t").stdout.strip() != "idle" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)
+    assert slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
     deadline = time.monotonic() + 420
     while "restart 1" not in (text := log.read_text()):
         assert time.monotonic() < deadline, f"job {job} was not requeued: {text[-3000:]}\n{slurm.logs()}"

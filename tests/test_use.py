@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,6 +96,32 @@ def test_saved_config_keeps_types_and_stays_overridable(mnist_trained_run):
     config_lib.validate(saved)
 
 
+def test_a_run_remembers_where_its_data_was(mnist_data_dir, tmp_path):
+    """Trained with the data dir only in $TFDS_DATA_DIR, the run is evaluated from its workdir in an
+    environment without it; once the data is gone, the error names where training found it and the
+    two ways to point at it."""
+    workdir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "TFDS_DATA_DIR"}
+    trained = subprocess.run([sys.executable, "-m", "pivot_jax.train", f"--config={CONFIGS / 'mnist.py'}:smoke",
+                              f"--workdir={workdir}", "--config.num_train_steps=2", "--config.data.test_examples=64"],
+                             cwd=REPO, env={**env, "TFDS_DATA_DIR": mnist_data_dir}, capture_output=True, text=True,
+                             timeout=300)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert json.loads((workdir / "config.json").read_text())["data"]["data_dir"] is None  # the config is as given
+    assert json.loads((workdir / workdirs.DATA_LOCATION).read_text()) == {"data_dir": mnist_data_dir}
+    evaluated = subprocess.run([sys.executable, "-m", "pivot_jax.evaluate", f"--workdir={workdir}"], cwd=REPO, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "Evaluating 15 test conditions: 100%" in evaluated.stderr  # its progress, as plain lines here
+    (workdir / workdirs.DATA_LOCATION).write_text(json.dumps({"data_dir": str(tmp_path / "moved")}))
+    config = workdirs.saved_config(workdir)
+    assert config.data.data_dir == str(tmp_path / "moved")
+    config.data.download = False
+    with pytest.raises(DataError, match=r"mnist is not prepared in .*moved.*point at it with TFDS_DATA_DIR=DIR or "
+                                         r"--config.data.data_dir=DIR"):
+        data.open_split(config.data, "test")
+
+
 def test_predict_gives_the_classes_evaluation_gives(mnist_trained_run, test_images, tmp_path):
     workdir, config, _ = mnist_trained_run
     images, _ = test_images
@@ -155,7 +182,7 @@ def test_predict_bad_input_is_refused_before_any_compute(mnist_trained_run, tmp_
         predict.prepare_image(str(tmp_path / "notes.txt"), config.data)
     with pytest.raises(DataError, match="cannot read the image .*cut.png"):
         predict.prepare_image(str(tmp_path / "cut.png"), config.data)
-    with pytest.raises(DataError, match="missing.png: no such file"):
+    with pytest.raises(DataError, match="missing.png: no such file or directory"):
         predict.expand_paths([str(tmp_path / "ok.png"), str(tmp_path / "missing.png")])
     with pytest.raises(DataError, match="matches no file"):
         predict.expand_paths([str(tmp_path / "*.jpg")])
@@ -170,13 +197,42 @@ def test_predict_bad_input_is_refused_before_any_compute(mnist_trained_run, tmp_
         predict.predict_probabilities(config, str(empty), np.zeros((1, 28, 28, 1), np.uint8))
     with pytest.raises(ConfigError, match="config.json does not exist"):
         workdirs.saved_config(tmp_path)
-    # On the command line: one line, no traceback, nothing printed but the error.
-    result = run_module("predict", f"--workdir={workdir}", str(tmp_path / "ok.png"), str(tmp_path / "notes.txt"))
-    assert result.returncode != 0 and result.stdout == ""
-    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot read the image")
+    # On the command line, a bad file among good ones is named and the others are still classified
+    # (like other batch tools); the exit status says that something failed.
+    result = run_module("predict", f"--workdir={workdir}", "--format=csv", str(tmp_path / "notes.txt"),
+                        str(tmp_path / "ok.png"), str(tmp_path / "cut.png"))
+    assert result.returncode == 1
+    assert [row.split(",")[0] for row in result.stdout.splitlines()[1:]] == [str(tmp_path / "ok.png")] * 5
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 3 and "notes.txt" in errors[0] and "cut.png" in errors[1], result.stderr[-2000:]
+    assert errors[2] == "error: 2 of 3 files could not be read (each is named above); the others are classified"
     assert "Traceback" not in result.stderr
+    only_bad = run_module("predict", f"--workdir={workdir}", str(tmp_path / "notes.txt"))
+    assert only_bad.returncode == 1 and only_bad.stdout == ""
+    assert only_bad.stderr.strip().splitlines()[-1] == "error: none of the 1 files given could be read as an image"
     no_config = run_module("predict", f"--workdir={tmp_path}", str(tmp_path / "ok.png"))
     assert no_config.returncode != 0 and "config.json does not exist" in no_config.stderr
+
+
+def test_predict_classifies_a_directory_and_scales_16_bit_images(mnist_trained_run, test_images, tmp_path):
+    workdir, config, _ = mnist_trained_run
+    images, _ = test_images
+    folder = tmp_path / "digits"
+    (folder / "more").mkdir(parents=True)
+    Image.fromarray(images[0][..., 0]).save(folder / "a_8bit.png")
+    Image.fromarray(images[0][..., 0].astype(np.uint16) * 257).save(folder / "more" / "b_16bit_grey.png")
+    rgb16 = np.repeat(images[0], 3, -1).astype(np.uint16) * 257
+    ok, encoded = cv2.imencode(".png", rgb16)  # PIL cannot write 16-bit colour
+    assert ok
+    (folder / "more" / "c_16bit_rgb.png").write_bytes(encoded.tobytes())
+    (folder / "readme.txt").write_text("not an image, and not named like one: skipped")
+    assert predict.expand_paths([str(folder)]) == [str(folder / "a_8bit.png"), str(folder / "more" / "b_16bit_grey.png"),
+                                                   str(folder / "more" / "c_16bit_rgb.png")]
+    for path in predict.expand_paths([str(folder)]):  # 16 bits are scaled to 8, not clipped to white
+        np.testing.assert_array_equal(predict.prepare_image(path, config.data).pixels, images[0])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty is a directory with no image files"):
+        predict.expand_paths([str(tmp_path / "empty")])
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +294,26 @@ def test_export_never_overwrites_or_leaves_half_an_export(mnist_trained_run, exp
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
     with pytest.raises(ConfigError, match="the folder .* does not exist"):
         export.check_output(tmp_path / "missing" / "model", overwrite=False)
+
+
+def test_an_export_killed_midway_is_cleaned_up_and_loses_nothing(tmp_path):
+    """A killed export leaves `.model.partial-<pid>` (and, killed while swapping, the old export moved
+    aside as `.model.replaced-<pid>`): the next export removes the first and puts the second back."""
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()  # a pid that no longer runs
+    out = tmp_path / "model"
+    (tmp_path / f".model.partial-{dead.pid}").mkdir()
+    (tmp_path / f".model.replaced-{dead.pid}").mkdir()
+    (tmp_path / f".model.replaced-{dead.pid}" / "export.json").write_text("{}")
+    (tmp_path / f".model.partial-{os.getpid()}").mkdir()  # a live export's: left alone
+    with pytest.raises(ConfigError, match="exists; choose another path or pass --overwrite"):
+        export.check_output(out, overwrite=False)  # the old export is back, so it is not overwritten
+    assert (out / "export.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".model.partial-{os.getpid()}", "model"]
+    (tmp_path / f".model.partial-{os.getpid()}").rmdir()
+    (tmp_path / f".model.replaced-{dead.pid}").mkdir()  # beside a complete new export: removed
+    export.check_output(out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 def test_jpeg_on_the_device_gives_the_accuracy_of_pils_jpeg(mnist_trained_run, test_images):

@@ -27,5 +27,9 @@ def input_mean(split: Split, data: ml_collections.ConfigDict, max_examples: int 
         raise DataError("config.data.mean 'pixel' needs images of one size; use 'channel'")
     # Streamed, variable-size images: the mean over the examples of each image's channel mean.
     step = max(1, split.num_examples // count)
-    means = [source[i]["image"].reshape(-1, data.channels).mean(axis=0) for i in range(0, split.num_examples, step)[:count]]
+    from pivot_jax import runtime
+
+    chosen = range(0, split.num_examples, step)[:count]
+    means = [source[i]["image"].reshape(-1, data.channels).mean(axis=0)
+             for i in runtime.progress(chosen, desc="Training mean")]
     return (np.mean(means, axis=0) / 255.0).astype(np.float32)

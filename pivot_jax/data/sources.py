@@ -81,17 +81,26 @@ class LazySource(grain.sources.RandomAccessDataSource):
                 "box": self._boxes[index]}
 
 
-def decode_image(data: bytes | str | pathlib.Path, channels: int, name: str | None = None) -> np.ndarray:
-    """uint8 [H, W, channels] from an encoded image (bytes) or an image file; a DataError names the
-    file that cannot be read or decoded."""
+def read_image(data: bytes | str | pathlib.Path, channels: int, name: str | None = None) -> tuple[np.ndarray, str]:
+    """(uint8 [H, W, channels], the file's PIL mode) from an encoded image (bytes) or an image file; a
+    DataError names the file that cannot be read or decoded. 16-bit grey images are scaled to 8 bits
+    (value / 257), as 16-bit colour ones are by PIL itself (PIL's conversion of grey would clip them)."""
     name = name or str(data)
     try:
         with Image.open(data if not isinstance(data, bytes) else io.BytesIO(data)) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
-            array = np.asarray(image, np.uint8)
+            mode = image.mode
+            if mode == "I" or mode.startswith("I;16"):
+                grey = np.rint(np.clip(np.asarray(image, np.float64), 0, 65535) / 257).astype(np.uint8)
+                image = Image.fromarray(grey, "L")
+            array = np.asarray(image.convert("L" if channels == 1 else "RGB"), np.uint8)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"cannot read the image {name}: {error}") from None
-    return array[..., None] if channels == 1 else array
+    return (array[..., None] if channels == 1 else array), mode
+
+
+def decode_image(data: bytes | str | pathlib.Path, channels: int, name: str | None = None) -> np.ndarray:
+    """uint8 [H, W, channels] from an encoded image (bytes) or an image file (`read_image`)."""
+    return read_image(data, channels, name)[0]
 
 
 @functools.cache

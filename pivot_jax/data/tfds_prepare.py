@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tarfile
 import urllib.parse
 import urllib.request
@@ -22,7 +23,11 @@ from pivot_jax.errors import DataError, first_line
 PROBE_TIMEOUT_SECONDS = 10.0
 # The archives a data set's TFDS builder reads from the manual dir: checked (present, whole) before a
 # preparation of hours starts, since TFDS prepares what it finds and leaves a missing split out.
+# TFDS never downloads these data sets: the archives come from their publisher.
 MANUAL_ARCHIVES = {"imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")}
+MANUAL_SOURCES = {"imagenet2012": ("image-net.org, after registering. For mixed-resolution (MR) training, also make "
+                                   "the box file from the ILSVRC box XML archives: python -m pivot_jax.boxes_from_xml "
+                                   "(README, ImageNet)")}
 
 
 # The archive whose members are the classes (one `<synset>.tar` each), for the class count check.
@@ -39,8 +44,9 @@ def check_manual_archives(name: str, manual_dir, num_classes: int | None = None)
     for file_name in expected:
         path = manual_dir / file_name
         if not path.is_file():
-            raise DataError(f"{name}: {path} is missing; TFDS prepares {name} from {' and '.join(expected)} "
-                            f"in {manual_dir}")
+            raise DataError(f"{name}: {file_name} is missing from {manual_dir}. TFDS never downloads {name}; it "
+                            f"prepares it from {' and '.join(expected)} put there (or in --config.data.manual_dir): "
+                            f"they come from {MANUAL_SOURCES[name]}")
         size = path.stat().length
         members, end = 0, 0
         try:
@@ -140,6 +146,7 @@ def builder(data: ml_collections.ConfigDict):
         ) from None
     manual_dir = epath.Path(data.manual_dir or epath.Path(dataset.data_dir_root) / "downloads" / "manual")
     how_offline = (
+        f"Where it is prepared elsewhere, point at it with TFDS_DATA_DIR=DIR or --config.data.data_dir=DIR. "
         f"To prepare it offline, put the data set's original files in {manual_dir} (or point "
         f"--config.data.manual_dir at them) and run again: TFDS then prepares it without the network."
     )
@@ -155,7 +162,9 @@ def builder(data: ml_collections.ConfigDict):
     if _process_index() > 0:
         return _wait_for_process_0(data, dataset.data_dir)
     has_manual = manual_dir.is_dir() and any(manual_dir.iterdir())
-    if not has_manual:
+    if data.name in MANUAL_ARCHIVES:  # never downloadable: its archives must be there, whatever else is
+        check_manual_archives(data.name, manual_dir, data.num_classes)
+    elif not has_manual:
         if not data.download:
             raise DataError(
                 f"{data.name} is not prepared in {dataset.data_dir} and config.data.download is False. "
@@ -167,13 +176,14 @@ def builder(data: ml_collections.ConfigDict):
                 f"{data.name} is not prepared in {dataset.data_dir} and cannot be downloaded: "
                 f"{endpoint[0]}:{endpoint[1]} is unreachable. " + how_offline
             )
-    if has_manual:
-        check_manual_archives(data.name, manual_dir, data.num_classes)
     from absl import logging
 
     logging.info("Preparing %s in %s%s.", data.name, dataset.data_dir,
                  f" from the files in {manual_dir}" if has_manual else " (downloading it)")
-    tfds.disable_progress_bar()  # progress bars flood logs and consoles; the log line says what happens
+    if sys.stderr.isatty():  # TFDS's own bars, on a terminal; in a log file they would flood it
+        tfds.enable_progress_bar()
+    else:
+        tfds.disable_progress_bar()
     try:
         dataset.download_and_prepare(
             file_format="array_record",
