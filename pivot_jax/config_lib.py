@@ -208,6 +208,26 @@ def apply_smoke(config: ml_collections.ConfigDict) -> None:
     config.data.test_examples = 256
 
 
+# The config's paths to files and folders, read again by evaluate, predict and export from config.json.
+PATH_FIELDS = ("data.data_dir", "data.folder", "data.manual_dir", "data.box_file", "init_from", "perturb.frost_photos",
+               "tensorboard_dir")
+
+
+def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` whose relative local paths are absolute (from the current folder), so that
+    the config a run saves finds its data again from any folder."""
+    import os
+
+    config = config.copy_and_resolve_references()
+    for field in PATH_FIELDS:
+        parent, _, name = field.rpartition(".")
+        holder = config[parent] if parent else config
+        value = holder[name]
+        if isinstance(value, str) and value and "://" not in value and not os.path.isabs(value):
+            holder[name] = os.path.abspath(os.path.expanduser(value))
+    return config
+
+
 def host_batch_size(config: ml_collections.ConfigDict) -> int:
     """Clean images the input pipeline feeds per step: m - k in the paired layout, else m."""
     return config.batch_size - config.perturb.k if is_paired(config) else config.batch_size

@@ -86,6 +86,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
     # Checks, before any data is read or any computation starts; then the workdir is ours alone.
     mesh = sharding.make_mesh()
     config_lib.validate(config, num_devices=mesh.size)
+    config = config_lib.with_absolute_paths(config)  # config.json must find the data from any folder
     workdir = epath.Path(workdir)
     workdirs.check(workdir, config)
     if config.init_from_required and not config.init_from and not _has_checkpoints(workdir):

@@ -151,3 +151,14 @@ def test_a_config_saved_before_a_field_existed_reads_with_its_default(config_pat
     config.optim.warmup_steps = 10
     with pytest.raises(workdirs.TrainingError, match="optim.warmup_steps: 0 -> 10"):
         workdirs.check(tmp_path, config)
+
+
+def test_relative_paths_become_absolute_and_others_stay(config_path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = config_lib.load_config(config_path("mnist"))
+    config.data.folder, config.data.data_dir, config.init_from = "images", "gs://bucket/tfds", "/runs/a"
+    resolved = config_lib.with_absolute_paths(config)
+    assert resolved.data.folder == str(tmp_path / "images")
+    assert (resolved.data.data_dir, resolved.init_from, resolved.data.box_file) == ("gs://bucket/tfds", "/runs/a",
+                                                                                     config.data.box_file)
+    assert config.data.folder == "images"

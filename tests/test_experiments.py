@@ -72,7 +72,8 @@ case "$2" in
   pivot_jax.train)
     mkdir -p "$workdir/eval" && echo '{}' > "$workdir/config.json"
     case "$FAKE_TRAIN" in
-      finish) printf '{\n  "step": %s,\n  "accuracy": {"clean": 0.9}\n}\n' "$steps" > "$workdir/eval/results.json" ;;
+      finish) echo "[50] train/grad_norm=1.5, train/l_dist=80.0"
+              printf '{\n  "step": %s,\n  "accuracy": {"clean": 0.9}\n}\n' "$steps" > "$workdir/eval/results.json" ;;
       preempt) echo "Stopped at step 40 for preemption" ;;
       diverge) echo "TrainingError: non-finite gradient norm by step 50"; exit 1 ;;
     esac ;;
@@ -167,7 +168,23 @@ def test_divergence_study_stops_on_preemption_and_resumes_with_its_whole_log(run
     log = (tmp_path / "runs" / "divergence_100" / "pivot_seed0.log").read_text()
     assert "Stopped at step 40 for preemption" in log  # the first part of the run, kept
     summary = json.loads((tmp_path / "runs" / "divergence_100" / "summary.json").read_text())
-    assert summary["variants"]["pivot"] == [{"seed": 0, "status": "finished", "step": 100, "accuracy": {"clean": 0.9}}]
+    assert summary["variants"]["pivot"] == [{"seed": 0, "status": "finished", "step": 100, "accuracy": {"clean": 0.9},
+                                            "max_logged_l_dist": 80.0}]
+
+
+def test_divergence_study_runs_the_variants_asked_for_and_plots_their_curves(run_script, tmp_path):
+    status, output, modules = run_script("divergence_study.sh", ["100"], "finish", SEEDS="0",
+                                         VARIANTS="pivot pivot_lam2_5e-5 pivot_lam2_2.5e-5")
+    assert status == 0, output
+    assert modules == ["pivot_jax.train"] * 3
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    assert [c for c in calls if "--config.loss.lam2=2.5e-5" in c and "pivot_lam2_2.5e-5_seed0" in c]
+    out = tmp_path / "runs" / "divergence_100"
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(summary["variants"]) == ["pivot", "pivot_lam2_2.5e-5", "pivot_lam2_5e-5"]
+    assert (out / "divergence.png").stat().st_size > 5_000
+    status, output, _ = run_script("divergence_study.sh", ["100"], "finish", SEEDS="0", VARIANTS="pivot lam2_5e-5")
+    assert status == 2 and "VARIANTS: no variant lam2_5e-5; the variants are: pivot mixed_paired" in output
 
 
 @pytest.mark.parametrize("steps, every", [(100, 10), (9000, 900), (40000, 1000)])

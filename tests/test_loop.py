@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, SYNTHETIC_CLASSES
-from pivot_jax import checkpoint, data, evaluate, sharding, train, train_state, train_step
+from pivot_jax import checkpoint, data, evaluate, sharding, train, train_state, train_step, workdirs
 from test_train import logged_scalars, saved_params
 
 
@@ -70,11 +70,17 @@ def test_a_crash_after_a_checkpoint_resumes_bit_exact(synthetic_config, tmp_path
 
 @pytest.mark.slow
 def test_a_relative_workdir_trains_and_resumes(synthetic_config, tmp_path, monkeypatch):
-    """Orbax wants absolute paths: `--workdir=run` from the current folder must checkpoint all the same."""
-    monkeypatch.chdir(tmp_path)
-    result = train.train_and_evaluate(short_run(synthetic_config()), "run")
+    """Orbax wants absolute paths: `--workdir=run` from the current folder must checkpoint all the same;
+    and a relative data folder is saved absolute, so the run evaluates from anywhere."""
+    config = short_run(synthetic_config())
+    folder = pathlib.Path(config.data.folder)
+    monkeypatch.chdir(folder.parent)
+    config.data.folder = folder.name
+    result = train.train_and_evaluate(config, str(pathlib.Path(os.path.relpath(tmp_path)) / "run"))
     assert result.finished and checkpoint.manager(tmp_path / "run", read_only=True).all_steps() == [6, 12]
     assert (tmp_path / "run" / "eval" / "results.json").exists()
+    assert workdirs.saved_config(tmp_path / "run").data.folder == str(folder)
+    assert config.data.folder == folder.name  # the caller's config is left as it was
 
 
 @pytest.mark.slow
