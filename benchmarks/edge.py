@@ -45,7 +45,7 @@ def perturbed(images: np.ndarray, boxes: np.ndarray, condition: str) -> np.ndarr
 
     @jax.jit
     def apply(batch, batch_boxes, indices):
-        out = perturbation.apply(evaluate.example_keys(indices), batch.astype(jnp.float32) / 255.0, batch_boxes)
+        out = perturbation.apply(evaluate.example_keys(indices, perturbation.name), batch.astype(jnp.float32) / 255.0, batch_boxes)
         return jnp.round(jnp.clip(out, 0.0, 1.0) * 255.0).astype(jnp.uint8)
 
     count = len(images)

@@ -3,13 +3,16 @@
 `Evaluator` is what training runs periodically and what `python -m pivot_jax.evaluate` runs on a
 restored checkpoint. It reads the test split once per evaluation, pads the last batch and masks the
 padding (no example dropped or counted twice), and perturbs on the device with the same code as
-training. Each example's test-time noise is drawn from (eval seed, example index), so the numbers do
-not depend on the batch size or the number of devices or processes.
+training. Each example's test-time randomness is drawn from (eval seed, test condition, example
+index): the numbers do not depend on the batch size or the number of devices or processes, and each
+condition (every σ, every corruption at every severity) has its own draws, as the published
+corruption sets do.
 """
 
 from __future__ import annotations
 
 import sys
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +28,13 @@ from pivot_jax.errors import CheckpointError, ConfigError, UserError
 EVAL_SEED = 2018  # fixed: two evaluations of one model give the same numbers
 
 
-def example_keys(indices: jax.Array) -> jax.Array:
-    """One key per test example, from its index: its test-time noise is the same in any batch."""
-    return jax.vmap(lambda i: jax.random.fold_in(jax.random.key(EVAL_SEED), i))(indices)
+def example_keys(indices: jax.Array, condition: str) -> jax.Array:
+    """One key per test example under the test condition named `condition`, from the example's index
+    (its draws are the same in any batch) and the condition's name: conditions draw independently of
+    each other (sharing draws would give every severity of a corruption the same luck), and a
+    condition's draws do not depend on which other conditions are evaluated beside it."""
+    condition_key = jax.random.fold_in(jax.random.key(EVAL_SEED), zlib.crc32(condition.encode()) & 0x7FFFFFFF)
+    return jax.vmap(lambda i: jax.random.fold_in(condition_key, i))(indices)
 
 
 class Evaluator:
@@ -45,10 +52,10 @@ class Evaluator:
 
         def _correct_counts(model_state, batch):
             images = batch["image"].astype(jnp.float32) / 255.0
-            keys = example_keys(batch["index"])
             variables = {"params": model_state["params"], "batch_stats": model_state["batch_stats"]}
             counts = []
             for perturbation in self.perturbations:
+                keys = example_keys(batch["index"], perturbation.name)
                 inputs = perturbation.apply(keys, images, batch["box"]) - model_state["input_mean"]
                 inputs = jax.lax.with_sharding_constraint(inputs, sharding.batch_sharding(mesh))
                 logits = model.apply(variables, inputs, train=False)

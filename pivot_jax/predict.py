@@ -100,7 +100,7 @@ def predict_probabilities(config: ml_collections.ConfigDict, workdir: str, image
 
     @jax.jit
     def probabilities(model_state, batch, indices):
-        keys = evaluate.example_keys(indices)
+        keys = evaluate.example_keys(indices, perturbation.name)
         boxes = jnp.broadcast_to(box, (batch.shape[0], 4))
         inputs = perturbation.apply(keys, batch.astype(jnp.float32) / 255.0, boxes) - model_state["input_mean"]
         variables = {"params": model_state["params"], "batch_stats": model_state["batch_stats"]}

@@ -12,12 +12,17 @@ and a verdict, alone and after Holm's correction over all of the pivot row's com
 the whole common-corruption suite, `corruptions.png` (accuracy per corruption and severity) into `--out`;
 for those runs the report also gives the suite's mean and, with `--baseline=RUN` (a run evaluated on
 the suite, e.g. clean-only training), each row's mCE and relative mCE against it.
+
+The claims table (`--family=... --into=FILE`) is the other output: one line per claim, data set and
+pivot form, each a pivot row compared with a control row seed by seed, with Holm's correction over
+the family it is named in on the command line (see `claims_table`).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
 import sys
 from collections import defaultdict
 
@@ -298,21 +303,189 @@ def write_report(run_dirs: list[str], out_dir, columns: list[str] | None = None,
     results.plot_corruptions(labelled, out_dir / "corruptions.png")  # the runs evaluated on the whole suite
     return text
 
+# The claims table. A family is written `NAME: PIVOT vs CONTROL @ CONDITION,...; PIVOT vs CONTROL @ ...`,
+# where PIVOT and CONTROL are rows: the runs `<ROW>_seed<N>` (directories, as experiments/paper_tables.sh
+# names them). Every comparison of a perturbed condition in a family is one test of Holm's correction;
+# a clean condition is the non-inferiority check beside them, outside the family (docs/results.md).
+NON_INFERIORITY_MARGIN = 0.5  # points of clean accuracy the pivot may lose and still "keep" it
+CLAIMS_BEGIN, CLAIMS_END = "<!-- claims table: begin -->", "<!-- claims table: end -->"
+_DATA_NAMES = {"mnist": "MNIST", "cifar10": "CIFAR-10", "imagenet": "ImageNet"}
+
+
+def parse_family(spec: str) -> tuple[str, list[tuple[str, str, list[str]]]]:
+    """`NAME: PIVOT vs CONTROL @ COND,COND; ...` as (name, [(pivot row, control row, conditions)])."""
+    name, colon, body = spec.partition(":")
+    comparisons = []
+    for part in body.split(";") if colon else []:
+        rows, at, names = part.partition("@")
+        pivot, vs, control = rows.partition(" vs ")
+        wanted = [c.strip() for c in names.split(",") if c.strip()]
+        if not (at and vs and pivot.strip() and control.strip() and wanted):
+            comparisons = []
+            break
+        comparisons.append((pivot.strip(), control.strip(), wanted))
+    if not name.strip() or not comparisons:
+        raise ConfigError(f"--family={spec!r}: expected 'NAME: PIVOT_ROW vs CONTROL_ROW @ CONDITION,...' with "
+                          "one or more comparisons separated by ';' (a row is the run directories ROW_seed<N>)")
+    return name.strip(), comparisons
+
+
+def load_row(row: str) -> list[dict]:
+    """The runs `<row>_seed<N>`, in seed order; a ConfigError names the row when there are none."""
+    path = epath.Path(row)
+    found = sorted(path.parent.glob(f"{path.name}_seed*"), key=lambda p: int(p.name.rpartition("_seed")[2] or -1))
+    runs = [load_run(p) for p in found if p.name.rpartition("_seed")[2].isdigit()]
+    if not runs:
+        raise ConfigError(f"--family: no runs {row}_seed<N> (a row names run directories without their _seed<N>)")
+    return runs
+
+
+def _data_set(config: dict) -> str:
+    name = config.get("paper_table") or config["data"]["name"]
+    return f"{_DATA_NAMES.get(name, name)}, {config['num_train_steps'] // 1000}k steps"
+
+
+def _pivot_form(config: dict) -> str:
+    form = "symmetric" if config["loss"].get("symmetric") else "stop-gradient"
+    mantissa, exponent = f"{config['loss'].get('lam2', PIVOT_LAM2):e}".split("e")
+    return f"{form}, λ2 = {mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def _control_text(config: dict) -> str:
+    if config["loss"]["mode"] == "mixed":
+        return ("paired " if config["loss"].get("paired") else "") + "`mixed`"
+    return row_label(config)
+
+
+def _condition_text(name: str) -> str:
+    condition = conditions.EvalCondition.parse(name)
+    if condition.kind == "noise":
+        return f"σ = {condition.sigma:g}"
+    if condition.kind in ("lr", "mr"):
+        return f"{condition.kind.upper()} ×{condition.factor} {condition.method}"
+    return name
+
+
+def _non_inferiority(result: dict) -> str:
+    """Whether the pivot keeps clean accuracy: the one-sided 95% lower bound of the paired difference
+    above -NON_INFERIORITY_MARGIN."""
+    if result["sd"] is None:
+        return "one seed"
+    bound = result["mean"] - float(scipy.stats.t.ppf(0.95, result["n"] - 1)) * result["sd"] / np.sqrt(result["n"])
+    return f"{'holds' if bound > -NON_INFERIORITY_MARGIN else 'not shown'} (bound {bound:+.2f})"
+
+
+def claims_table(families: list[str]) -> str:
+    """The claims table over `families` (see `parse_family`): per comparison and condition, the paired
+    difference pivot − control over the seeds both trained (mean ± sd), its 95% interval, p, Holm's p
+    over the family's perturbed conditions and the verdict; a pivot row whose runs diverged says so."""
+    lines = ["| claim | data set | pivot form | seeds | pivot − control | 95% interval | p | Holm p (family) | verdict |",
+             "|---|---|---|---|---:|---|---:|---|---|"]
+    for spec in families:
+        name, comparisons = parse_family(spec)
+        entries = []  # (claim, data set, form, seeds, result or None, diverged note)
+        for pivot_row, control_row, wanted in comparisons:
+            pivots, controls = load_row(pivot_row), load_row(control_row)
+            control_by_seed = {c["config"]["seed"]: c for c in controls if not c["diverged"]}
+            diverged = [p for p in pivots if p["diverged"]]
+            pairs = [(p, control_by_seed[p["config"]["seed"]]) for p in pivots
+                     if not p["diverged"] and p["config"]["seed"] in control_by_seed]
+            control = _control_text(controls[0]["config"])
+            config = pivots[0]["config"]
+            note = (f"{len(diverged)} of {len(pivots)} seeds diverged (by step "
+                    + ", ".join(_diverged_step(p) for p in diverged) + ")") if diverged else ""
+            for condition in wanted:
+                usable = [(p, c) for p, c in pairs
+                          if condition in p["results"]["accuracy"] and condition in c["results"]["accuracy"]]
+                claim = (f"keeps clean accuracy against {control}" if condition == "clean"
+                         else f"ahead of {control} at {_condition_text(condition)}")
+                result = paired_difference([100 * p["results"]["accuracy"][condition] for p, _ in usable],
+                                           [100 * c["results"]["accuracy"][condition] for _, c in usable]) if usable else None
+                seeds = _seeds_cell([str(p["config"]["seed"]) for p, _ in usable]) if usable else "0"
+                entries.append((claim, condition, _data_set(config), _pivot_form(config), seeds, result, note))
+        tested = [e[5] for e in entries if e[1] != "clean" and e[5] is not None and e[5]["p"] is not None]
+        for result, adjusted in zip(tested, holm_adjusted([r["p"] for r in tested])):
+            result["holm_p"] = adjusted
+        for claim, condition, data_set, form, seeds, result, note in entries:
+            if result is None:
+                lines.append(f"| {claim} | {data_set} | {form} | {seeds} | – | – | – | – | {note or 'no runs in common'} |")
+                continue
+            spread = f" ± {result['sd']:.2f}" if result["sd"] is not None else ""
+            interval = f"[{result['low']:+.2f}, {result['high']:+.2f}]" if result["low"] is not None else "–"
+            p = f"{result['p']:.3f}" if result["p"] is not None else "–"
+            if condition == "clean":
+                holm, verdict = "–", _non_inferiority(result)
+            elif "holm_p" in result:
+                holm = f"{result['holm_p']:.3f} ({name}, {len(tested)})"
+                verdict = _verdict(result["mean"], result["holm_p"])
+                if verdict != result["verdict"]:
+                    verdict += f" ({result['verdict']} alone)"
+                if result["n"] == 2 and verdict == "holds":  # Student's t with 1 df: an sd of two numbers
+                    verdict += " (two seeds: one degree of freedom)"
+            else:
+                holm, verdict = "–", result["verdict"]
+            if note:
+                verdict += f"; {note}"
+            lines.append(f"| {claim} | {data_set} | {form} | {seeds} | {result['mean']:+.2f}{spread} | {interval} "
+                         f"| {p} | {holm} | {verdict} |")
+    return "\n".join(lines)
+
+
+def claims_command(families: list[str], into: str) -> str:
+    """The shell command that builds the claims table into `into`, one family per line."""
+    return " \\\n".join(["python -m pivot_jax.report " + shlex.quote(f"--into={into}"),
+                         *(f"    {shlex.quote(f'--family={family}')}" for family in families)])
+
+
+def claims_block(families: list[str], into: str) -> str:
+    """The claims table with the command that built it, between the markers `--into` replaces."""
+    command = "\n".join("    " + line for line in claims_command(families, into).splitlines())
+    return "\n".join([CLAIMS_BEGIN, claims_table(families), "", "Built from the committed runs by:", "",
+                      command, CLAIMS_END])
+
+
+def write_claims(families: list[str], into) -> str:
+    """Puts the claims block into the file `into`, in place of the block already between the markers
+    (or, when it has none, where a line holds only CLAIMS_BEGIN); returns the block."""
+    path = epath.Path(into)
+    text = path.read_text()
+    if CLAIMS_BEGIN not in text:
+        raise ConfigError(f"--into={into}: no line {CLAIMS_BEGIN!r} marks where the claims table goes")
+    before, _, rest = text.partition(CLAIMS_BEGIN)
+    _, end, after = rest.partition(CLAIMS_END)
+    block = claims_block(families, str(into))
+    path.write_text(before + block + (after if end else rest))
+    return block
+
 
 def main(argv):
-    if len(argv) < 2:
-        raise app.UsageError("usage: python -m pivot_jax.report RUN_DIR... --out=DIR")
+    FLAGS = flags.FLAGS
     try:
-        print(write_report(argv[1:], flags.FLAGS.out, flags.FLAGS.columns, flags.FLAGS.title, flags.FLAGS.baseline))
+        if FLAGS.family:
+            if len(argv) > 1 or FLAGS.out:
+                raise app.UsageError("the claims table reads its runs from --family: no RUN_DIR or --out with it")
+            if FLAGS.into:
+                print(write_claims(FLAGS.family, FLAGS.into))
+            else:
+                print(claims_table(FLAGS.family))
+            return
+        if len(argv) < 2 or not FLAGS.out:
+            raise app.UsageError("usage: python -m pivot_jax.report RUN_DIR... --out=DIR, or "
+                                 "python -m pivot_jax.report --family='NAME: PIVOT_ROW vs CONTROL_ROW @ CONDITION,...' "
+                                 "... [--into=FILE]")
+        print(write_report(argv[1:], FLAGS.out, FLAGS.columns, FLAGS.title, FLAGS.baseline))
     except (FileNotFoundError, KeyError, ConfigError) as error:
         sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":
     flags.DEFINE_string("out", None, "Where report.md and sweeps.png go.")
+    flags.DEFINE_multi_string("family", None, "The claims table instead of a report: a Holm family, "
+                              "'NAME: PIVOT_ROW vs CONTROL_ROW @ CONDITION,...; ...' (repeat for more families).")
+    flags.DEFINE_string("into", None, "With --family: the Markdown file whose claims block (between "
+                        f"{CLAIMS_BEGIN!r} and {CLAIMS_END!r}) the table replaces; else it is printed.")
     flags.DEFINE_list("columns", None, "Test conditions to tabulate (default: the runs' config.evals).")
     flags.DEFINE_string("title", "", "A heading for the table.")
     flags.DEFINE_string("baseline", None, "A run evaluated on the common-corruption suite: the report adds each "
                         "row's mCE and relative mCE against it.")
-    flags.mark_flags_as_required(["out"])
     app.run(main)

@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import scipy.stats
 
 from conftest import CONFIGS, EIGHT_DEVICES, ONE_DEVICE, REPO, report_title_and_columns, run_train
-from pivot_jax import checkpoint, config_lib, data, evaluate, models, report, results, workdirs
+from pivot_jax import checkpoint, config_lib, data, evaluate, models, perturb, report, results, workdirs
 from test_train import logged_scalars, saved_params
 
 
@@ -99,6 +100,23 @@ def test_accuracy_equals_a_direct_computation(trained_on_eight, mnist_config):
     for name, inputs in (("clean", images), ("lr4_nearest", lr), ("mr2_nearest", mr)):
         logits = np.asarray(model.apply(variables, jnp.asarray(inputs - np.asarray(state["input_mean"]))))
         assert result["accuracy"][name] == np.mean(logits.argmax(-1) == labels), name
+
+
+def test_each_test_condition_draws_its_own_noise_the_same_in_any_batch():
+    """Severities (and σ of the noise sweep) draw independently, as the published corruption sets do, and
+    an example's draws depend on its index and condition only: not on the batch it is evaluated in."""
+    images, boxes = jnp.full((8, 16, 16, 1), 0.5), jnp.zeros((8, 4))
+
+    def noise(name, indices):
+        keys = evaluate.example_keys(jnp.asarray(indices, jnp.int32), name)
+        return np.asarray(perturb.EvalPerturbation.parse(name).apply(keys, images[: len(indices)], boxes)) - 0.5
+
+    weak, strong = noise("noise_0.05", range(8)), noise("noise_0.1", range(8))
+    assert abs(np.corrcoef(weak.ravel(), strong.ravel())[0, 1]) < 0.2  # one draw scaled would give 1
+    np.testing.assert_array_equal(noise("noise_0.05", [5, 6]), weak[5:7])
+    corruption = [np.asarray(perturb.EvalPerturbation.parse(f"gaussian_noise_{s}").apply(
+        evaluate.example_keys(jnp.arange(8), f"gaussian_noise_{s}"), images, boxes)) for s in (1, 2)]
+    assert abs(np.corrcoef(*(c.ravel() - 0.5 for c in corruption))[0, 1]) < 0.2
 
 
 @pytest.mark.slow
@@ -326,6 +344,127 @@ def test_holm_families_are_per_pivot_row(tmp_path):
 
 
 PUBLISHED = sorted(path.parent.parent.parent for path in (REPO / "docs" / "results").glob("*/*/checkpoints/*/state"))
+
+
+def claims_rows(root, accuracies: dict[str, dict[str, list[float]]], **pivot_options):
+    """Rows `root/<name>_seed<s>` from {name: {condition: per-seed accuracy}}; names starting with
+    "pivot" are pivot runs (with `pivot_options`), the others mixed."""
+    for name, by_condition in accuracies.items():
+        for seed in range(len(next(iter(by_condition.values())))):
+            mode = "pivot" if name.startswith("pivot") else "mixed"
+            fake_run(root / f"{name}_seed{seed}", "cifar10", mode, ("noise",), seed,
+                     {c: v[seed] for c, v in by_condition.items()}, **(pivot_options if mode == "pivot" else {}))
+
+
+def test_claims_table_corrects_each_family_and_checks_clean_accuracy_as_non_inferiority(tmp_path):
+    """A family's perturbed conditions share Holm's correction (clean is the non-inferiority check
+    beside them, outside it); another family's tests do not weaken them; diverged seeds are named."""
+    claims_rows(tmp_path, {"mixed": {"noise_0.15": [0.50, 0.60, 0.70], "noise_0.05": [0.80, 0.80, 0.80],
+                                     "clean": [0.900, 0.910, 0.920]},
+                           "pivot": {"noise_0.15": [0.520, 0.621, 0.719], "noise_0.05": [0.81, 0.80, 0.83],
+                                     "clean": [0.899, 0.910, 0.9195]}}, symmetric=True)
+    claims_rows(tmp_path, {"other_mixed": {"noise_0.15": [0.5, 0.6]}, "pivot_other": {"noise_0.15": [0.4, 0.7]}})
+    fake_run(tmp_path / "pivot_diverging_seed0", "cifar10", "pivot", ("noise",), 0, {}, diverged="non-finite by step 700")
+    fake_run(tmp_path / "pivot_diverging_seed1", "cifar10", "pivot", ("noise",), 1, {"noise_0.15": 0.62})
+    rows = {name: str(tmp_path / name) for name in ("mixed", "pivot", "other_mixed", "pivot_other", "pivot_diverging")}
+    table = report.claims_table([
+        f"A: {rows['pivot']} vs {rows['mixed']} @ noise_0.15,noise_0.05,clean; {rows['pivot_diverging']} vs {rows['mixed']} @ noise_0.15",
+        f"B: {rows['pivot_other']} vs {rows['other_mixed']} @ noise_0.15"]).splitlines()
+    strong = report.paired_difference([52.0, 62.1, 71.9], [50, 60, 70])
+    weak = report.paired_difference([81, 80, 83], [80, 80, 80])
+    holm_strong, holm_weak = report.holm_adjusted([strong["p"], weak["p"]])
+    line = next(row for row in table if "at σ = 0.15" in row and "symmetric" in row)
+    assert f"| {strong['p']:.3f} | {holm_strong:.3f} (A, 2) | holds |" in line and "3: 0, 1, 2 | +2.00 ± 0.10" in line
+    line = next(row for row in table if "at σ = 0.05" in row)
+    assert f"| {holm_weak:.3f} (A, 2) | cannot be told apart |" in line
+    # Clean: -0.03 ± 0.06 over 3 seeds; one-sided 95% bound -0.03 - 2.92 * 0.058 / sqrt(3) = -0.13 > -0.5.
+    line = next(row for row in table if "keeps clean accuracy against `mixed`" in row)
+    assert line.endswith("| – | holds (bound -0.13) |") and "stop-gradient" not in line
+    line = next(row for row in table if "stop-gradient" in row and "(A" not in row and "| 1: 1 |" in row)
+    assert line.endswith("cannot be told apart (one seed); 1 of 2 seeds diverged (by step 700) |")
+    assert "(B, 1)" in next(row for row in table if "| 2: 0, 1 |" in row)
+
+
+def test_claims_family_errors(tmp_path):
+    from pivot_jax.errors import ConfigError
+
+    for spec in ("no colon here", "A: x vs y", "A: x @ clean", "A:  vs y @ clean", ": x vs y @ clean"):
+        with pytest.raises(ConfigError, match="expected 'NAME: PIVOT_ROW vs CONTROL_ROW @ CONDITION"):
+            report.parse_family(spec)
+    with pytest.raises(ConfigError, match=f"no runs {tmp_path}/nothing_seed<N>"):
+        report.claims_table([f"A: {tmp_path}/nothing vs {tmp_path}/nothing @ clean"])
+    claims_rows(tmp_path, {"mixed": {"clean": [0.9, 0.9]}, "pivot": {"clean": [0.9, 0.91]}})
+    (tmp_path / "notes.md").write_text("# Results\n\nbefore\n")
+    family = f"A: {tmp_path}/pivot vs {tmp_path}/mixed @ clean"
+    with pytest.raises(ConfigError, match="no line '<!-- claims table: begin -->'"):
+        report.write_claims([family], tmp_path / "notes.md")
+    (tmp_path / "notes.md").write_text(f"before\n{report.CLAIMS_BEGIN}\nafter\n")
+    first = report.write_claims([family], tmp_path / "notes.md")
+    assert (tmp_path / "notes.md").read_text() == f"before\n{first}\nafter\n"
+    report.write_claims([family], tmp_path / "notes.md")  # again: the block is replaced, nothing else moves
+    assert (tmp_path / "notes.md").read_text() == f"before\n{first}\nafter\n"
+
+
+def committed_claims_families(text: str) -> tuple[str, list[str]]:
+    """The --into file and the families of the command written under the claims table of `text`."""
+    block = text.split(report.CLAIMS_BEGIN)[1].split(report.CLAIMS_END)[0]
+    command = block.split("Built from the committed runs by:")[1].replace("\\\n", " ")
+    arguments = shlex.split(command)
+    assert arguments[:3] == ["python", "-m", "pivot_jax.report"]
+    into = next(a.removeprefix("--into=") for a in arguments if a.startswith("--into="))
+    return into, [a.removeprefix("--family=") for a in arguments if a.startswith("--family=")]
+
+
+def test_the_committed_claims_table_is_what_its_runs_give(monkeypatch):
+    """docs/results.md's claims table, rebuilt from the committed runs with the families its own command
+    names, is the text committed: a run added or changed without rebuilding the table fails here."""
+    monkeypatch.chdir(REPO)
+    text = (REPO / "docs" / "results.md").read_text()
+    into, families = committed_claims_families(text)
+    assert into == "docs/results.md" and len(families) >= 4
+    committed = report.CLAIMS_BEGIN + text.split(report.CLAIMS_BEGIN)[1].split(report.CLAIMS_END)[0] + report.CLAIMS_END
+    assert report.claims_block(families, into) == committed
+
+
+def markdown_table(lines: list[str]) -> dict[str, dict[str, str]]:
+    """The rows of the Markdown table at the start of `lines`, by their first cell, as {column: cell}."""
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(header, cells))
+    return rows
+
+
+def test_the_paper_tables_in_results_md_are_their_reports_rows():
+    """Each table of docs/results.md marked `<!-- rows from: REPORT, ... -->` has, in every cell, what
+    the first table of one of those generated reports has in the same row and column."""
+    lines = (REPO / "docs" / "results.md").read_text().splitlines()
+    marked = [i for i, line in enumerate(lines) if line.startswith("<!-- rows from: ")]
+    assert len(marked) == 4
+    for i in marked:
+        reported = {}
+        for source in lines[i].removeprefix("<!-- rows from: ").removesuffix(" -->").split(", "):
+            report_lines = (REPO / source).read_text().splitlines()
+            reported.update(markdown_table(report_lines[next(j for j, line in enumerate(report_lines)
+                                                             if line.startswith("| training |")):]))
+        table = markdown_table(lines[i + 1 :])
+        assert len(table) >= 5, lines[i]
+        for row, cells in table.items():
+            assert row in reported, (lines[i], row)
+            assert {c: v for c, v in cells.items()} == {c: reported[row][c] for c in cells}, (lines[i], row)
+
+
+def test_relative_links_in_the_documentation_lead_to_files():
+    """Every relative link of README.md and docs/ names a file or folder of the repository."""
+    for page in [REPO / "README.md", *(REPO / "docs").glob("**/*.md")]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            path = target.split("#")[0]
+            if not path or re.match(r"[a-z]+:", path):
+                continue
+            assert (page.parent / path).exists(), f"{page.relative_to(REPO)}: {target}"
 
 
 def test_every_published_model_has_its_checksums_and_no_optimizer_state():
