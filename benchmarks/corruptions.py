@@ -3,12 +3,13 @@
     python benchmarks/corruptions.py [--images N] [--cifar-folder DIR] [--frost-photos DIR] [--json FILE]
         [--workdir RUN]
 
-Both produce every corruption at every severity (17 x 5, and frost with --frost-photos: 18 x 5) for N
+Both produce every corruption at every severity (18 x 5, and frost with --frost-photos: 19 x 5) for N
 32x32 RGB images (default: the 10,000 of the CIFAR-10 test split when --cifar-folder is given, else
 random smooth images), stored as uint8. The host reference is what a user runs without pivot_jax:
 NumPy, SciPy and Pillow per image, one process, the published formulas (Pillow for pixelate and JPEG,
 SciPy's filters for the blurs, Matplotlib's vectorised HSV conversion, OpenCV reading and resizing a
-frost photograph per image as the published script does). The device side is `pivot_jax.corruptions` under
+frost photograph per image and OpenCV's edge, distance and filter steps for spatter, as the published
+scripts do). The device side is `pivot_jax.corruptions` under
 jit(vmap) over batches of 1,000, compiled before timing. Each side is timed once over the whole suite
 (the reference is too slow to repeat), after a warm-up on one batch.
 
@@ -126,6 +127,26 @@ def reference(name: str, c, image: np.ndarray, rng: np.random.Generator) -> np.n
         photo = cv2.resize(photo, (0, 0), fx=0.2, fy=0.2)
         top, left = rng.integers(0, photo.shape[0] - 32), rng.integers(0, photo.shape[1] - 32)
         x = c[0] * x + c[1] * photo[top:top + 32, left:left + 32][..., [2, 1, 0]] / 255.0
+    elif name == "spatter":
+        import cv2
+
+        mean, spread, sigma, threshold, strength, mud = c
+        layer = scipy.ndimage.gaussian_filter(rng.normal(size=(32, 32), loc=mean, scale=spread), sigma,
+                                              mode="nearest", truncate=4.0)
+        layer[layer < threshold] = 0
+        if mud:
+            m = scipy.ndimage.gaussian_filter((layer > threshold).astype(np.float32), strength, mode="nearest",
+                                              truncate=4.0)
+            m = np.where(m < 0.8, 0, m)[..., None]
+            x = x * (1 - m) + np.array([63, 42, 20]) / 255.0 * m
+        else:
+            liquid = (layer * 255).astype(np.uint8)
+            dist = cv2.distanceTransform(255 - cv2.Canny(liquid, 50, 150), cv2.DIST_L2, 5)
+            dist = cv2.equalizeHist(cv2.blur(np.minimum(dist, 20), (3, 3)).astype(np.uint8))
+            dist = cv2.blur(cv2.filter2D(dist, cv2.CV_8U, np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]])), (3, 3))
+            m = liquid * dist.astype(np.float32)
+            m = m / m.max() * strength if m.max() > 0 else m
+            x = x + m[..., None] * np.array([175, 238, 238]) / 255.0
     elif name == "fog":
         peak = x.max()
         x = (x + c[0] * plasma(32, c[1], rng)[..., None]) * peak / (peak + c[0])

@@ -17,9 +17,12 @@ METHODS = ("nearest", "bicubic")
 # the published order. Frost blends crops of the published photographs, which this package does not
 # ship: it joins the suite only where `config.perturb.frost_photos` gives their folder.
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "gaussian_blur", "defocus_blur",
-               "glass_blur", "motion_blur", "zoom_blur", "snow", "frost", "fog", "elastic_transform", "pixelate",
-               "jpeg_compression", "contrast", "brightness", "saturate")
+               "glass_blur", "motion_blur", "zoom_blur", "snow", "frost", "fog", "spatter", "elastic_transform",
+               "pixelate", "jpeg_compression", "contrast", "brightness", "saturate")
 NEEDS_PHOTOS = ("frost",)
+# Joined the suite after runs had been evaluated on the others: a results.json without it still holds
+# a suite (its `corruptions` list says which), as one without frost does.
+ADDED_LATER = ("spatter",)
 SEVERITIES = (1, 2, 3, 4, 5)
 # AlexNet's top-1 error on ImageNet-C per corruption, averaged over the five severities: the baseline of
 # the corruption error CE and its mean, mCE (Hendrycks & Dietterich 2019; google-research/augmix).
@@ -30,7 +33,7 @@ ALEXNET_ERRORS = {
     "pixelate": .717840, "jpeg_compression": .606500,
 }
 # The benchmark's 15 corruptions (ImageNet-C's mCE, RobustBench's `corruptions_acc`); the suite's other
-# three (speckle_noise, gaussian_blur, saturate) are the published extras.
+# four (speckle_noise, gaussian_blur, spatter, saturate) are the published extras.
 BENCHMARK_CORRUPTIONS = tuple(name for name in CORRUPTIONS if name in ALEXNET_ERRORS)
 SUITE = "corruptions"  # in config.evals / sweep_evals: every corruption at every severity
 _NAME = re.compile(r"^(?:(clean)|noise_(\d+(?:\.\d+)?)|(lr|mr)(\d+)_(nearest|bicubic)|"
@@ -68,8 +71,10 @@ def _mean_over(accuracy: dict[str, float], names) -> float:
 
 
 def evaluated_suite(accuracy: dict[str, float]) -> tuple[str, ...] | None:
-    """The suite `accuracy` holds every condition of (with frost where frost was evaluated), or None."""
-    names = suite_corruptions(photos=_complete(accuracy, NEEDS_PHOTOS))
+    """The suite `accuracy` holds every condition of, or None: frost where frost was evaluated, spatter
+    where the run was evaluated after it joined the suite, every other corruption always."""
+    optional = NEEDS_PHOTOS + ADDED_LATER
+    names = tuple(name for name in CORRUPTIONS if name not in optional or _complete(accuracy, (name,)))
     return names if _complete(accuracy, names) else None
 
 

@@ -50,6 +50,9 @@ PARAMS = {
         # (alpha, sigma, affine spread) in pixels: the published 32 * (...).
         "elastic_transform": tuple(tuple(32 * v for v in c) for c in (
             (0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03))),
+        # (mean, spread, sigma, threshold, strength, mud): liquid at severities 1-3, mud at 4-5.
+        "spatter": ((0.62, 0.1, 0.7, 0.7, 0.5, 0), (0.65, 0.1, 0.8, 0.7, 0.5, 0), (0.65, 0.3, 1, 0.69, 0.5, 0),
+                    (0.65, 0.1, 0.7, 0.69, 0.6, 1), (0.65, 0.1, 0.5, 0.68, 0.6, 1)),
     },
     "imagenet": {
         "gaussian_noise": (0.08, 0.12, 0.18, 0.26, 0.38),
@@ -74,6 +77,8 @@ PARAMS = {
         # The published 244 * (...) (its comment: 244 should have been 224, and it is kept so).
         "elastic_transform": tuple(tuple(244 * v for v in c) for c in (
             (2, 0.7, 0.1), (2, 0.08, 0.2), (0.05, 0.01, 0.02), (0.07, 0.01, 0.02), (0.12, 0.01, 0.02))),
+        "spatter": ((0.65, 0.3, 4, 0.69, 0.6, 0), (0.65, 0.3, 3, 0.68, 0.6, 0), (0.65, 0.3, 2, 0.68, 0.5, 0),
+                    (0.65, 0.3, 1, 0.65, 1.5, 1), (0.67, 0.4, 1, 0.65, 1.5, 1)),
     },
 }
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's RGB -> "L"
@@ -450,6 +455,147 @@ def frost(key, image, c, photos: FrostPhotos):
     return out if image.shape[-1] == 3 else jnp.sum(out * jnp.asarray(LUMA, image.dtype), -1, keepdims=True)
 
 
+def _blurred_layer(layer, sigma: float):
+    """scikit-image's `gaussian(layer, sigma)` of an [H, W] layer: border 'nearest', 4-sigma kernel."""
+    taps = tuple(_gaussian_taps(float(sigma), int(4.0 * sigma + 0.5)))
+    rows = jnp.asarray(_filter_matrix(layer.shape[0], taps))
+    cols = jnp.asarray(_filter_matrix(layer.shape[1], taps))
+    hp = jax.lax.Precision.HIGHEST
+    return jnp.matmul(jnp.matmul(rows, layer, precision=hp), cols.T, precision=hp)
+
+
+def _windows(plane, radius: int, mode: str, **pad):
+    """`window(dy, dx)`: `plane` [H, W] shifted by (dy, dx), |dy|, |dx| <= radius, its border padded by
+    `mode` (numpy's: 'edge' is OpenCV's BORDER_REPLICATE, 'reflect' its BORDER_REFLECT_101)."""
+    height, width = plane.shape
+    padded = jnp.pad(plane, radius, mode=mode, **pad)
+    return lambda dy, dx: padded[radius + dy : radius + dy + height, radius + dx : radius + dx + width]
+
+
+def _canny(plane, low: int, high: int):
+    """OpenCV's `Canny(plane, low, high)` (3x3 Sobel on replicated borders, L1 magnitude) of an 8-bit
+    [H, W] int32 plane, as a boolean edge map: OpenCV's non-maximum suppression in its fixed-point
+    direction sectors (tan 22.5 degrees as 13573 / 2^15) and its tie rules, then hysteresis: a pixel
+    above `high` is an edge, one above `low` is an edge where 8-connected to one."""
+    pixel = _windows(plane, 1, "edge")
+    dx = pixel(-1, 1) + 2 * pixel(0, 1) + pixel(1, 1) - pixel(-1, -1) - 2 * pixel(0, -1) - pixel(1, -1)
+    dy = pixel(1, -1) + 2 * pixel(1, 0) + pixel(1, 1) - pixel(-1, -1) - 2 * pixel(-1, 0) - pixel(-1, 1)
+    magnitude = jnp.abs(dx) + jnp.abs(dy)
+    neighbour = _windows(magnitude, 1, "constant")  # OpenCV's magnitude rows are zero past the border
+    tg22x = jnp.abs(dx) * 13573
+    tg67x = tg22x + (jnp.abs(dx) << 16)
+    along_y = jnp.abs(dy) << 15
+    flip = (dx ^ dy) < 0  # the gradient's signs differ: the other diagonal
+    diagonal_before = jnp.where(flip, neighbour(-1, 1), neighbour(-1, -1))
+    diagonal_after = jnp.where(flip, neighbour(1, -1), neighbour(1, 1))
+    local_maximum = jnp.where(
+        along_y < tg22x, (magnitude > neighbour(0, -1)) & (magnitude >= neighbour(0, 1)),
+        jnp.where(along_y > tg67x, (magnitude > neighbour(-1, 0)) & (magnitude >= neighbour(1, 0)),
+                  (magnitude > diagonal_before) & (magnitude > diagonal_after)))
+    candidate = local_maximum & (magnitude > low)
+    weak = candidate & (magnitude <= high)
+
+    def grow(state):
+        edges, _ = state
+        touching = _windows(edges, 1, "constant")
+        near = functools.reduce(jnp.logical_or, [touching(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+        grown = edges | (weak & near)
+        return grown, jnp.any(grown != edges)
+
+    edges, _ = jax.lax.while_loop(lambda state: state[1], grow, (candidate & (magnitude > high), jnp.array(True)))
+    return edges
+
+
+# OpenCV's 5x5 chamfer mask for DIST_L2: steps of 1, 1.4 and 2.1969, added in float32.
+_CHAMFER_STEPS = ([(dy, dx, 1.0) for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0))]
+                  + [(dy, dx, 1.4) for dy in (-1, 1) for dx in (-1, 1)]
+                  + [(dy, dx, 2.1969) for dy, dx in ((1, 2), (2, 1), (-1, 2), (-2, 1), (1, -2), (2, -1), (-1, -2), (-2, -1))])
+
+
+def _chamfer_distance(edges, limit: int):
+    """OpenCV's `distanceTransform(DIST_L2, 5)` to the nearest edge pixel, capped at `limit`
+    (THRESH_TRUNC): the chamfer distance, the shortest path of mask steps summed in float32, found by
+    relaxing every step `limit` times (a path shorter than `limit` has fewer steps than that)."""
+    far = jnp.float32(limit + 1)
+    distance = jnp.where(edges, 0.0, far).astype(jnp.float32)
+
+    def relax(_, distance):
+        shifted = _windows(distance, 2, "constant", constant_values=far)
+        return functools.reduce(jnp.minimum, [shifted(dy, dx) + jnp.float32(step) for dy, dx, step in _CHAMFER_STEPS],
+                                distance)
+
+    return jnp.minimum(jax.lax.fori_loop(0, limit, relax, distance), jnp.float32(limit))
+
+
+def _blurred_levels(plane):
+    """`cv2.blur(plane, (3, 3)).astype(np.uint8)` of a float32 plane in [0, 32): OpenCV sums the nine
+    values in float64 and scales the sum by 1/9 before storing float32, which the cast then rounds
+    down. The values (multiples of 2^-23) are summed exactly as integers, and the float32 rounding
+    of sum / 9 is decided in integers: it lifts a mean to the next level when within half a float32
+    step below it."""
+    units = (plane * jnp.float32(1 << 23)).astype(jnp.int32)
+    total = _box_sum(units)  # at most 9 * 32 * 2^23 < 2^31
+    denominator = 9 << 23
+    level = total // denominator
+    below_next = denominator - (total - level * denominator)
+    exponent = jnp.where(level > 0, 31 - jax.lax.clz(jnp.maximum(level, 1)), -1)  # floor(log2(mean)) or -1
+    # mean = level + 1 - below_next / denominator rounds up when below_next / denominator < 2^(exponent - 24)
+    return level + (4 * below_next < 9 * (jnp.int32(2) << jnp.maximum(exponent, 0)) // jnp.where(exponent < 0, 2, 1))
+
+
+def _box_sum(plane):
+    """The sum over each 3x3 window, borders BORDER_REFLECT_101 (cv2.blur's, times 9)."""
+    window = _windows(plane, 1, "reflect")
+    return sum(window(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+
+
+def _equalize_histogram(plane):
+    """OpenCV's `equalizeHist` of an 8-bit int32 plane: level i maps to round(255 / (n - n_first) times
+    the count of pixels above the lowest level and at most i), in float32, halves to even."""
+    counts = jnp.bincount(plane.ravel(), length=256)
+    first = jnp.argmax(counts > 0)
+    above_first = jnp.cumsum(counts) - jnp.cumsum(counts)[first]
+    scale = jnp.float32(255.0) / (plane.size - counts[first]).astype(jnp.float32)
+    lut = jnp.where(jnp.arange(256) > first, jnp.round(above_first.astype(jnp.float32) * scale), 0).astype(jnp.int32)
+    return jnp.where(counts[first] == plane.size, plane, lut[plane])  # one level only: unchanged
+
+
+_SPATTER_EMBOSS = ((-2, -1, 0), (-1, 1, 1), (0, 1, 2))
+_WATER = np.array([175, 238, 238], np.float64) / 255.0  # the published "pale turquoise" (its B, G, R order)
+_MUD = np.array([63, 42, 20], np.float64) / 255.0
+
+
+def spatter(key, image, c):
+    """The published spatter. A layer of N(c[0], c[1]) noise, blurred (scikit-image's Gaussian, sigma
+    c[2]) and zeroed below c[3]. Liquid (c[5] = 0): the layer as 8-bit, its Canny edges (50, 150), the
+    distance to them (capped at 20, box-blurred, 8-bit), equalised, embossed and box-blurred as 8-bit
+    with OpenCV, times the layer, scaled to a maximum of c[4], adds water's colour. Mud (c[5] = 1):
+    where the layer is above c[3], blurred by sigma c[4], kept from 0.8 up, blends in mud's colour.
+    The scripts treat the RGB image as OpenCV's BGR, so the water colour's first value, 175, goes to
+    red; a grey image is spattered as grey RGB and converted back with ITU-R 601 luma."""
+    mean, spread, sigma, threshold, strength, mud = c
+    height, width = image.shape[:2]
+    layer = _blurred_layer(mean + spread * jax.random.normal(key, (height, width), jnp.float32), sigma)
+    layer = jnp.where(layer < threshold, 0.0, layer)
+    rgb = jnp.repeat(image, 3, -1) if image.shape[-1] == 1 else image
+    if mud:
+        m = _blurred_layer((layer > threshold).astype(jnp.float32), strength)
+        m = jnp.where(m < 0.8, 0.0, m)[..., None]
+        out = _clip(rgb * (1 - m) + jnp.asarray(_MUD, jnp.float32) * m)
+    else:
+        liquid = (jnp.floor(layer * 255.0).astype(jnp.int32)) % 256  # numpy's astype(np.uint8)
+        distance = _equalize_histogram(_blurred_levels(_chamfer_distance(_canny(liquid, 50, 150), 20)))
+        window = _windows(distance, 1, "reflect")
+        embossed = sum(k * window(dy - 1, dx - 1) for dy, row in enumerate(_SPATTER_EMBOSS) for dx, k in enumerate(row))
+        embossed = jnp.clip(embossed, 0, 255)
+        distance = (2 * _box_sum(embossed) + 9) // 18  # cv2.blur on 8 bits: rounded to the nearest
+        m = (liquid * distance).astype(jnp.float32)
+        peak = jnp.max(m)
+        m = jnp.where(peak > 0, m / jnp.where(peak > 0, peak, 1.0), 0.0) * jnp.float32(strength)
+        out = _clip(rgb + m[..., None] * jnp.asarray(_WATER, jnp.float32))
+    return out if image.shape[-1] == 3 else jnp.sum(out * jnp.asarray(LUMA, image.dtype), -1, keepdims=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Geometric.
 
@@ -580,28 +726,79 @@ def quantization_table(base: np.ndarray, quality: int) -> np.ndarray:
     return np.clip((base.astype(np.int64) * scale + 50) // 100, 1, 255).astype(np.float32)
 
 
-@functools.lru_cache(maxsize=None)
-def _dct_matrix() -> np.ndarray:
-    n = np.arange(8)
-    matrix = np.cos((2 * n[None, :] + 1) * n[:, None] * np.pi / 16) * np.sqrt(2 / 8)
-    matrix[0] /= np.sqrt(2)
-    return matrix.astype(np.float32)  # orthonormal DCT-II: coefficients = D @ block @ D.T
+# libjpeg's integer ("islow") DCT, jfdctint.c and jidctint.c: 13-bit fixed-point constants,
+# FIX(x) = round(x * 2^13), and 2 extra bits of precision between the passes.
+_CONST_BITS, _PASS1_BITS = 13, 2
+_FIX = {name: int(round(value * (1 << _CONST_BITS))) for name, value in (
+    ("0_298631336", 0.298631336), ("0_390180644", 0.390180644), ("0_541196100", 0.541196100),
+    ("0_765366865", 0.765366865), ("0_899976223", 0.899976223), ("1_175875602", 1.175875602),
+    ("1_501321110", 1.501321110), ("1_847759065", 1.847759065), ("1_961570560", 1.961570560),
+    ("2_053119869", 2.053119869), ("2_562915447", 2.562915447), ("3_072711026", 3.072711026))}
+
+
+def _descale(x, bits: int):
+    """libjpeg's DESCALE: x / 2^bits rounded, halves up (an arithmetic shift after adding half)."""
+    return (x + (1 << (bits - 1))) >> bits
+
+
+def _odd_part(a, b, c, d):
+    """The odd half shared by both DCTs, on the four odd inputs (forward: tmp4..tmp7; inverse: the
+    coefficients 7, 5, 3, 1), returning the four products libjpeg combines into its outputs."""
+    z1, z2, z3, z4 = a + d, b + c, a + c, b + d
+    z5 = (z3 + z4) * _FIX["1_175875602"]
+    a, b, c, d = a * _FIX["0_298631336"], b * _FIX["2_053119869"], c * _FIX["3_072711026"], d * _FIX["1_501321110"]
+    z1, z2 = z1 * -_FIX["0_899976223"], z2 * -_FIX["2_562915447"]
+    z3, z4 = z3 * -_FIX["1_961570560"] + z5, z4 * -_FIX["0_390180644"] + z5
+    return a + z1 + z3, b + z2 + z4, c + z2 + z3, d + z1 + z4
+
+
+def _forward_dct_1d(x, axis: int, first_pass: bool):
+    """One pass of jfdctint.c along `axis` (of length 8) of an int32 array."""
+    d = [jnp.take(x, i, axis=axis) for i in range(8)]
+    tmp0, tmp7, tmp1, tmp6 = d[0] + d[7], d[0] - d[7], d[1] + d[6], d[1] - d[6]
+    tmp2, tmp5, tmp3, tmp4 = d[2] + d[5], d[2] - d[5], d[3] + d[4], d[3] - d[4]
+    tmp10, tmp13, tmp11, tmp12 = tmp0 + tmp3, tmp0 - tmp3, tmp1 + tmp2, tmp1 - tmp2
+    bits = _CONST_BITS - _PASS1_BITS if first_pass else _CONST_BITS + _PASS1_BITS
+    out = [None] * 8
+    if first_pass:
+        out[0], out[4] = (tmp10 + tmp11) << _PASS1_BITS, (tmp10 - tmp11) << _PASS1_BITS
+    else:
+        out[0], out[4] = _descale(tmp10 + tmp11, _PASS1_BITS), _descale(tmp10 - tmp11, _PASS1_BITS)
+    z1 = (tmp12 + tmp13) * _FIX["0_541196100"]
+    out[2] = _descale(z1 + tmp13 * _FIX["0_765366865"], bits)
+    out[6] = _descale(z1 - tmp12 * _FIX["1_847759065"], bits)
+    out[7], out[5], out[3], out[1] = (_descale(v, bits) for v in _odd_part(tmp4, tmp5, tmp6, tmp7))
+    return jnp.stack(out, axis)
+
+
+def _inverse_dct_1d(x, axis: int, first_pass: bool):
+    """One pass of jidctint.c along `axis`: columns first (dequantised coefficients in, 2 extra bits
+    out), then rows (those in, samples out before the level shift)."""
+    c = [jnp.take(x, i, axis=axis) for i in range(8)]
+    z1 = (c[2] + c[6]) * _FIX["0_541196100"]
+    tmp2, tmp3 = z1 - c[6] * _FIX["1_847759065"], z1 + c[2] * _FIX["0_765366865"]
+    tmp0, tmp1 = (c[0] + c[4]) << _CONST_BITS, (c[0] - c[4]) << _CONST_BITS
+    tmp10, tmp13, tmp11, tmp12 = tmp0 + tmp3, tmp0 - tmp3, tmp1 + tmp2, tmp1 - tmp2
+    odd0, odd1, odd2, odd3 = _odd_part(c[7], c[5], c[3], c[1])
+    bits = _CONST_BITS - _PASS1_BITS if first_pass else _CONST_BITS + _PASS1_BITS + 3
+    out = [tmp10 + odd3, tmp11 + odd2, tmp12 + odd1, tmp13 + odd0,
+           tmp13 - odd0, tmp12 - odd1, tmp11 - odd2, tmp10 - odd3]
+    return jnp.stack([_descale(v, bits) for v in out], axis)
 
 
 def _jpeg_plane(plane, table: np.ndarray):
-    """One [H, W] plane in 0..255 (H, W multiples of 8): level shift, 8x8 DCT, quantise, round,
-    dequantise, inverse DCT."""
+    """One [H, W] int32 plane of 8-bit samples (H, W multiples of 8) through libjpeg's baseline path
+    with its integer DCT: level shift, forward DCT (its output 8 times the orthonormal one),
+    quantisation by 8 x the table entry, rounding halves away from zero (jcdctmgr.c), dequantisation,
+    inverse DCT, level shift back and the clamp to 0..255."""
     height, width = plane.shape
-    dct = jnp.asarray(_dct_matrix())
-    hp = jax.lax.Precision.HIGHEST
-    blocks = (plane - 128.0).reshape(height // 8, 8, width // 8, 8).transpose(0, 2, 1, 3)
-    coefficients = jnp.einsum("ij,abjk,lk->abil", dct, blocks, dct, precision=hp)
-    # libjpeg rounds halves away from zero; its integer DCT makes ties exact (a block's DC term is its
-    # sum / 8), which the float DCT misses by an ulp: the 1e-4 puts them back on libjpeg's side.
-    ratio = coefficients / table
-    quantised = jnp.sign(ratio) * jnp.floor(jnp.abs(ratio) + 0.5 + 1e-4) * table
-    restored = jnp.einsum("ji,abjk,kl->abil", dct, quantised, dct, precision=hp)
-    return restored.transpose(0, 2, 1, 3).reshape(height, width) + 128.0
+    blocks = (plane - 128).reshape(height // 8, 8, width // 8, 8).transpose(0, 2, 1, 3)  # [.., row, column]
+    coefficients = _forward_dct_1d(_forward_dct_1d(blocks, 3, True), 2, False)
+    divisor = jnp.asarray(table, jnp.int32) * 8
+    quantised = jnp.sign(coefficients) * ((jnp.abs(coefficients) + divisor // 2) // divisor)
+    samples = _inverse_dct_1d(_inverse_dct_1d(quantised * jnp.asarray(table, jnp.int32), 2, True), 3, False)
+    samples = jnp.clip(samples + 128, 0, 255)
+    return samples.transpose(0, 2, 1, 3).reshape(height, width)
 
 
 def _pad_to(plane, multiple: int):
@@ -614,8 +811,7 @@ def _downsample_h2v2(plane):
     """libjpeg's 2x2 chroma averaging in integers, with its alternating rounding bias (1, 2, 1, ...)."""
     height, width = plane.shape
     sums = plane.reshape(height // 2, 2, width // 2, 2).sum((1, 3))
-    bias = 1.0 + (jnp.arange(width // 2) % 2)
-    return jnp.floor((sums + bias) / 4.0)
+    return (sums + 1 + jnp.arange(width // 2) % 2) >> 2
 
 
 def _fancy_upsample_h2v2(plane):
@@ -627,34 +823,41 @@ def _fancy_upsample_h2v2(plane):
     colsums = jnp.stack([3 * plane + above, 3 * plane + below], 1).reshape(2 * plane.shape[0], plane.shape[1])
     last = jnp.concatenate([colsums[:, :1], colsums[:, :-1]], 1)
     following = jnp.concatenate([colsums[:, 1:], colsums[:, -1:]], 1)
-    even = jnp.floor((3 * colsums + last + 8) / 16)
-    odd = jnp.floor((3 * colsums + following + 7) / 16)
+    even = (3 * colsums + last + 8) >> 4
+    odd = (3 * colsums + following + 7) >> 4
     return jnp.stack([even, odd], 2).reshape(colsums.shape[0], 2 * colsums.shape[1])
 
 
 def jpeg_compression(key, image, c):
-    """JPEG at quality c, on the device, as PIL's encoder and decoder do it (baseline, 4:2:0 chroma,
-    the standard tables scaled by quality). The DCT is exact float, libjpeg's is integer: the two
-    differ by rounding (tests/test_corruptions.py measures it)."""
+    """JPEG at quality c, on the device, as Pillow's libjpeg encodes and decodes it, in its integer
+    arithmetic: baseline, the standard tables scaled by quality, 4:2:0 chroma (averaged down, 'fancy'
+    upsampled), the integer DCT both ways, the fixed-point colour conversions (jccolor.c, jdcolor.c)."""
     del key
     height, width, channels = image.shape
-    pixels = jnp.round(image * 255.0)
+    pixels = jnp.round(image * 255.0).astype(jnp.int32)
     luma_table, chroma_table = quantization_table(_LUMA_QUANT, c), quantization_table(_CHROMA_QUANT, c)
     if channels == 1:
         y = _jpeg_plane(_pad_to(pixels[..., 0], 8), luma_table)[:height, :width]
-        return (jnp.clip(jnp.round(y), 0, 255) / 255.0)[..., None]
+        return (y.astype(jnp.float32) / 255.0)[..., None]
     r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
-    y = 0.299 * r + 0.587 * g + 0.114 * b
-    cb = -0.168735892 * r - 0.331264108 * g + 0.5 * b + 128.0
-    cr = 0.5 * r - 0.418687589 * g - 0.081312411 * b + 128.0
-    y, cb, cr = (jnp.round(p) for p in (y, cb, cr))
-    samples = lambda p: jnp.clip(jnp.round(p), 0, 255)  # the decoder's 8-bit samples
-    y = samples(_jpeg_plane(_pad_to(y, 16), luma_table))
-    subsampled = [_downsample_h2v2(_pad_to(p, 16)) for p in (cb, cr)]
-    cb, cr = (_fancy_upsample_h2v2(samples(_jpeg_plane(p, chroma_table))) for p in subsampled)
-    y, cb, cr = y[:height, :width], cb[:height, :width] - 128.0, cr[:height, :width] - 128.0
-    rgb = jnp.stack([y + 1.402 * cr, y - 0.344136286 * cb - 0.714136286 * cr, y + 1.772 * cb], -1)
-    return jnp.clip(jnp.round(rgb), 0, 255) / 255.0
+    # jccolor.c: 16-bit fixed point, FIX(x) = round(x * 2^16); chroma rounds with half - 1.
+    y = (19595 * r + 38470 * g + 7471 * b + 32768) >> 16
+    cb = (-11059 * r - 21709 * g + 32768 * b + (128 << 16) + 32767) >> 16
+    cr = (32768 * r - 27439 * g - 5329 * b + (128 << 16) + 32767) >> 16
+    y = _jpeg_plane(_pad_to(y, 16), luma_table)
+    # jcsample.c repeats the last column at full resolution, jcprepct.c the last row of the 2x2
+    # averages (after an odd height's last row is doubled) down to the block boundary.
+    chroma_input = lambda p: jnp.pad(p, ((0, height % 2), (0, -width % 16)), mode="edge")
+    subsampled = [_pad_to(_downsample_h2v2(chroma_input(p)), 8) for p in (cb, cr)]
+    # The upsampler sees the chroma plane's own size, ceil(side / 2), not its padded blocks.
+    half_height, half_width = (height + 1) // 2, (width + 1) // 2
+    cb, cr = (_fancy_upsample_h2v2(_jpeg_plane(p, chroma_table)[:half_height, :half_width]) for p in subsampled)
+    y, cb, cr = y[:height, :width], cb[:height, :width] - 128, cr[:height, :width] - 128
+    # jdcolor.c's tables: red and blue rounded on their own, green from the two products' sum.
+    red = y + ((91881 * cr + 32768) >> 16)
+    green = y + ((-22554 * cb + 32768 - 46802 * cr) >> 16)
+    blue = y + ((116130 * cb + 32768) >> 16)
+    return jnp.clip(jnp.stack([red, green, blue], -1), 0, 255).astype(jnp.float32) / 255.0
 
 
 def contrast(key, image, c):
