@@ -35,6 +35,9 @@ ALEXNET_ERRORS = {
 # The benchmark's 15 corruptions (ImageNet-C's mCE, RobustBench's `corruptions_acc`); the suite's other
 # four (speckle_noise, gaussian_blur, spatter, saturate) are the published extras.
 BENCHMARK_CORRUPTIONS = tuple(name for name in CORRUPTIONS if name in ALEXNET_ERRORS)
+# The published extras: training on them (with noise, LR and MR, `perturb=corruptions`) leaves the
+# benchmark's 15 unseen until the test, the protocol of AugMix and of the benchmark's authors.
+EXTRAS = tuple(name for name in CORRUPTIONS if name not in ALEXNET_ERRORS)
 SUITE = "corruptions"  # in config.evals / sweep_evals: every corruption at every severity
 _NAME = re.compile(r"^(?:(clean)|noise_(\d+(?:\.\d+)?)|(lr|mr)(\d+)_(nearest|bicubic)|"
                    rf"({'|'.join(CORRUPTIONS)})_([1-5]))$")

@@ -19,8 +19,11 @@ from pivot_jax.errors import ConfigError
 
 MODES = ("clean", "perturbed", "mixed", "pivot")
 PERTURBS = {"noise": ("noise",), "lr": ("lr",), "mr": ("mr",), "lr+mr": ("lr", "mr"),
-            # a common corruption, severity drawn per image; or all of them, one drawn per image
-            **{name: (name,) for name in conditions.CORRUPTIONS}, conditions.SUITE: (conditions.SUITE,)}
+            # a common corruption, severity drawn per image
+            **{name: (name,) for name in conditions.CORRUPTIONS},
+            # robustness to the suite without training on its benchmark corruptions: noise, LR, MR and
+            # the published extras (a quarter of the k rows each)
+            conditions.SUITE: ("noise", "lr", "mr", "extras")}
 AUGMENTS = ("none", "cifar", "imagenet")
 # Noise far beyond the pixel range turns every image into clipped noise: a typo, not an experiment.
 MAX_SIGMA = 2.0

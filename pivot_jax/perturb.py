@@ -22,7 +22,8 @@ from pivot_jax import conditions, corruptions
 METHODS = conditions.METHODS
 # Training perturbations: Gaussian noise, LR, MR, one common corruption (severity drawn per image), or
 # `corruptions`, a corruption and a severity drawn per image from the whole suite.
-KINDS = ("noise", "lr", "mr", *conditions.CORRUPTIONS, conditions.SUITE)
+# "extras": per image, one of the published extra corruptions (conditions.EXTRAS) at a severity from 1-5.
+KINDS = ("noise", "lr", "mr", *conditions.CORRUPTIONS, "extras")
 
 
 def _check_method(method: str) -> None:
@@ -147,7 +148,7 @@ class PerturbSpec:
     factors: tuple[int, ...] = (2, 4)
     methods: tuple[str, ...] = METHODS
     corruption_table: str = "auto"  # the corruptions' parameters: cifar10, imagenet, or auto (by size)
-    frost_photos: str = ""  # the folder of the frost photographs; with it, `corruptions` includes frost
+    frost_photos: str = ""  # the folder of the frost photographs, for the kind `frost`
 
     def __post_init__(self):
         if len(self.kinds) != len(self.counts):
@@ -179,8 +180,7 @@ def perturb_batch(key: jax.Array, images: jax.Array, boxes: jax.Array, spec: Per
         elif kind == "lr":
             outputs.append(random_low_resolution(part_key, part, spec.factors, spec.methods))
         elif kind != "mr":
-            names = (conditions.suite_corruptions(photos=bool(spec.frost_photos)) if kind == conditions.SUITE
-                     else (kind,))
+            names = conditions.EXTRAS if kind == "extras" else (kind,)
             outputs.append(corruptions.random_corruption(part_key, part, names, spec.corruption_table,
                                                          spec.frost_photos))
         else:

@@ -565,6 +565,17 @@ def test_conditions_name_every_corruption_and_severity():
     assert suite[0] == "clean" and len(suite) == 1 + 18 * 5 and "saturate_5" in suite and "spatter_5" in suite
 
 
+def test_a_run_evaluated_before_spatter_joined_keeps_its_suite():
+    """Spatter and frost are optional in a saved result: without them the suite mean is over the rest."""
+    everything = {name: 0.5 for name in conditions.suite_names(photos=True)}
+    before_spatter = {name: v for name, v in everything.items() if not name.startswith("spatter")}
+    assert conditions.evaluated_suite(everything) == conditions.CORRUPTIONS
+    assert conditions.evaluated_suite(before_spatter) == tuple(c for c in conditions.CORRUPTIONS if c != "spatter")
+    no_frost = {name: v for name, v in before_spatter.items() if not name.startswith("frost")}
+    assert len(conditions.evaluated_suite(no_frost)) == 17 and conditions.suite_mean(no_frost) == 0.5
+    assert conditions.evaluated_suite({k: v for k, v in no_frost.items() if k != "fog_3"}) is None  # a hole
+
+
 def test_eval_perturbation_applies_the_corruption_as_uint8(synthetic_config):
     config = synthetic_config()
     config.evals = ("clean", "pixelate_5")
@@ -593,8 +604,26 @@ def test_training_draws_a_corruption_and_severity_per_image(synthetic_config):
     chosen = [next(i for i, c in enumerate(candidates) if np.allclose(out[row], c[row], atol=1e-6))
               for row in range(spec.k)]
     assert len(set(chosen)) >= 3  # severities vary across the rows
-    mixture = config_lib.perturb_spec(synthetic_config("mode=pivot,perturb=corruptions,smoke"))
-    assert mixture.kinds == ("corruptions",)
+
+
+def test_training_on_corruptions_holds_out_the_benchmarks_15(synthetic_config, monkeypatch):
+    """`perturb=corruptions` trains on noise, LR, MR and the published extras, a quarter of the rows
+    each: none of the benchmark's 15 corruptions, which stay for the test."""
+    assert conditions.EXTRAS == ("speckle_noise", "gaussian_blur", "spatter", "saturate")
+    assert not set(conditions.EXTRAS) & set(conditions.BENCHMARK_CORRUPTIONS)
+    config = synthetic_config("mode=pivot,perturb=corruptions,smoke")
+    config_lib.validate(config)
+    spec = config_lib.perturb_spec(config)
+    assert spec.kinds == ("noise", "lr", "mr", "extras") and len(set(spec.counts)) == 1
+    drawn_from = []
+    real = corruptions.random_corruption
+    monkeypatch.setattr(corruptions, "random_corruption",
+                        lambda key, images, names, *rest: drawn_from.append(names) or real(key, images, names, *rest))
+    images = jnp.asarray(smooth_images(spec.k, size=28, channels=1) / 255.0, jnp.float32)
+    out = perturb.perturb_batch(jax.random.key(0), images, jnp.zeros((spec.k, 4)), spec)
+    assert drawn_from == [conditions.EXTRAS] and out.shape == images.shape
+    extras = out[-spec.counts[-1]:]
+    assert float(jnp.abs(extras - images[-spec.counts[-1]:]).mean()) > 1e-3
 
 
 def test_results_hold_the_suite_mean_a_table_and_a_plot_per_corruption_and_severity(tmp_path):
@@ -856,14 +885,15 @@ def test_with_its_photographs_frost_joins_the_suite_in_evaluation_and_training(s
 
     flat.lossless = True
     folder = write_photos(tmp_path, PHOTO_SIZES[:5], flat)
-    config = synthetic_config("mode=pivot,perturb=corruptions,smoke")
+    config = synthetic_config("mode=pivot,perturb=frost,smoke")
     config.evals = ("clean", "corruptions")
+    config.perturb.frost_photos = ""
     assert "frost_1" not in [e.name for e in config_lib.eval_perturbations(config)]  # without the photos
     config.perturb.frost_photos = folder
     config_lib.validate(config)
     evals = config_lib.eval_perturbations(config)
     names = [e.name for e in evals]
-    assert len(names) == 1 + 18 * 5 and names.index("frost_1") == names.index("snow_5") + 1
+    assert len(names) == 1 + 19 * 5 and names.index("frost_1") == names.index("snow_5") + 1
     # The test condition: one of the five photos at severity 2's weights, stored as uint8 (rounded down).
     value, (a, b) = 0.4, corruptions.PARAMS["cifar10"]["frost"][1]
     keys = jax.random.split(jax.random.key(1), 16)

@@ -254,12 +254,12 @@ def test_report_gives_the_suite_mean_and_mce_against_a_baseline(tmp_path):
             fake_run(tmp_path / "mixed", "cifar10", "mixed", ("noise",), 0, {"clean": 0.9, "noise_0.15": 0.7})]
     text = report.write_report(runs, tmp_path / "out", columns=["clean", "noise_0.15"], baseline=clean_run)
     # Seeds 0 and 1: suite means 80 and 70; mCE 20/40 and 30/40; relative mCE 15/30 and 25/30 (of 100).
-    assert "| Pivot loss (Ours) | 2: 0, 1 | 17 | 75.00 ± 7.07 | 62.50 ± 17.68 | 66.67 ± 23.57 |" in text
-    assert "| Clean only | 1: 0 | 17 | 60.00 | 100.00 | 100.00 |" in text
+    assert "| Pivot loss (Ours) | 2: 0, 1 | 18 | 75.00 ± 7.07 | 62.50 ± 17.68 | 66.67 ± 23.57 |" in text
+    assert "| Clean only | 1: 0 | 18 | 60.00 | 100.00 | 100.00 |" in text
     assert "| Clean, Noisy |" not in text.split("Common corruptions")[1]  # not evaluated on the suite
     assert (tmp_path / "out" / "corruptions.png").stat().st_size > 10_000
     without = report.write_report(runs, tmp_path / "out2", columns=["clean"])
-    assert "| Pivot loss (Ours) | 2: 0, 1 | 17 | 75.00 ± 7.07 |\n" in without and "relative mCE" not in without
+    assert "| Pivot loss (Ours) | 2: 0, 1 | 18 | 75.00 ± 7.07 |\n" in without and "relative mCE" not in without
     with pytest.raises(ConfigError, match="--baseline=.*mixed: its eval/results.json lacks 70 of the"):
         report.write_report(runs, tmp_path / "out3", baseline=str(tmp_path / "mixed"))
 
