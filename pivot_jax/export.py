@@ -98,17 +98,19 @@ def _tflite(serve, image_shape, calibration: np.ndarray | None) -> bytes:
         sys.stderr.flush()
         os.dup2(captured.fileno(), 2)
         try:
-            return converter.convert()
-        except Exception:
-            os.dup2(saved_stderr, 2)
-            captured.seek(0)
-            sys.stderr.write(captured.read())
-            raise
+            model, error = converter.convert(), None
+        except Exception as exception:  # raised below, after the converter's output
+            model, error = None, exception
         finally:
             os.dup2(saved_stderr, 2)
             os.close(saved_stderr)
-            captured.seek(0)
-            logging.debug("TFLite converter output:\n%s", captured.read())
+        captured.seek(0)
+        output = captured.read()
+    logging.debug("TFLite converter output:\n%s", output)
+    if error is not None:
+        sys.stderr.write(output)
+        raise error
+    return model
 
 
 def _size(path: epath.Path) -> int:

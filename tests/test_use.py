@@ -296,6 +296,31 @@ def test_export_never_overwrites_or_leaves_half_an_export(mnist_trained_run, exp
         export.check_output(tmp_path / "missing" / "model", overwrite=False)
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_tflite_converters_own_output_is_shown_only_when_it_fails(monkeypatch, capfd, fails):
+    """The converter's C++ lines go to file descriptor 2: kept out of the console, and shown whole,
+    before its error, when the conversion fails."""
+    import tensorflow as tf
+
+    class Converter:
+        def convert(self):
+            os.write(2, b"input_inference_type: FLOAT32\n")
+            if fails:
+                raise RuntimeError("conversion failed")
+            return b"model"
+
+    monkeypatch.setattr(tf.lite.TFLiteConverter, "from_concrete_functions", lambda *args: Converter())
+    monkeypatch.setattr(export, "_tf_module", lambda serve, shape: type(
+        "Module", (), {"serve": type("Serve", (), {"get_concrete_function": staticmethod(lambda: None)})})())
+    if fails:
+        with pytest.raises(RuntimeError, match="conversion failed"):
+            export._tflite(None, (28, 28, 1), None)
+        assert "input_inference_type: FLOAT32" in capfd.readouterr().err
+    else:
+        assert export._tflite(None, (28, 28, 1), None) == b"model"
+        assert "input_inference_type" not in capfd.readouterr().err
+
+
 def test_an_export_killed_midway_is_cleaned_up_and_loses_nothing(tmp_path):
     """A killed export leaves `.model.partial-<pid>` (and, killed while swapping, the old export moved
     aside as `.model.replaced-<pid>`): the next export removes the first and puts the second back."""
