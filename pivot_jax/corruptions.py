@@ -191,15 +191,22 @@ def _gaussian_taps(sigma: float, radius: int) -> np.ndarray:
     return taps / taps.sum()
 
 
+def _skimage_gaussian(x, sigma: float):
+    """scikit-image's `gaussian(x, sigma)` of an image [H, W, C] (or a layer [H, W]): border 'nearest',
+    kernel truncated at 4 sigma; separable, one matrix product per axis."""
+    if x.ndim == 2:
+        return _skimage_gaussian(x[..., None], sigma)[..., 0]
+    taps = tuple(_gaussian_taps(float(sigma), int(4.0 * sigma + 0.5)))
+    rows = jnp.asarray(_filter_matrix(x.shape[0], taps))
+    cols = jnp.asarray(_filter_matrix(x.shape[1], taps))
+    hp = jax.lax.Precision.HIGHEST
+    return jnp.einsum("gh,hwc->gwc", rows, jnp.einsum("vw,hwc->hvc", cols, x, precision=hp), precision=hp)
+
+
 def gaussian_blur(key, image, c):
     """scikit-image's `gaussian(sigma=c)`: border 'nearest', kernel truncated at 4 sigma."""
     del key
-    taps = tuple(_gaussian_taps(float(c), int(4.0 * c + 0.5)))
-    rows = jnp.asarray(_filter_matrix(image.shape[0], taps))
-    cols = jnp.asarray(_filter_matrix(image.shape[1], taps))
-    hp = jax.lax.Precision.HIGHEST  # separable: one matrix product per axis
-    blurred = jnp.einsum("gh,hwc->gwc", rows, jnp.einsum("vw,hwc->hvc", cols, image, precision=hp), precision=hp)
-    return _clip(blurred)
+    return _clip(_skimage_gaussian(image, c))
 
 
 @functools.lru_cache(maxsize=None)
@@ -455,15 +462,6 @@ def frost(key, image, c, photos: FrostPhotos):
     return out if image.shape[-1] == 3 else jnp.sum(out * jnp.asarray(LUMA, image.dtype), -1, keepdims=True)
 
 
-def _blurred_layer(layer, sigma: float):
-    """scikit-image's `gaussian(layer, sigma)` of an [H, W] layer: border 'nearest', 4-sigma kernel."""
-    taps = tuple(_gaussian_taps(float(sigma), int(4.0 * sigma + 0.5)))
-    rows = jnp.asarray(_filter_matrix(layer.shape[0], taps))
-    cols = jnp.asarray(_filter_matrix(layer.shape[1], taps))
-    hp = jax.lax.Precision.HIGHEST
-    return jnp.matmul(jnp.matmul(rows, layer, precision=hp), cols.T, precision=hp)
-
-
 def _windows(plane, radius: int, mode: str, **pad):
     """`window(dy, dx)`: `plane` [H, W] shifted by (dy, dx), |dy|, |dx| <= radius, its border padded by
     `mode` (numpy's: 'edge' is OpenCV's BORDER_REPLICATE, 'reflect' its BORDER_REFLECT_101)."""
@@ -539,8 +537,9 @@ def _blurred_levels(plane):
     level = total // denominator
     below_next = denominator - (total - level * denominator)
     exponent = jnp.where(level > 0, 31 - jax.lax.clz(jnp.maximum(level, 1)), -1)  # floor(log2(mean)) or -1
-    # mean = level + 1 - below_next / denominator rounds up when below_next / denominator < 2^(exponent - 24)
-    return level + (4 * below_next < 9 * (jnp.int32(2) << jnp.maximum(exponent, 0)) // jnp.where(exponent < 0, 2, 1))
+    # mean = level + 1 - below_next / denominator rounds up when below_next / denominator < 2^(exponent - 24),
+    # that is when 8 below_next < 9 * 2^(exponent + 2) (exponent + 2 >= 1; both sides below 2^31).
+    return level + (8 * below_next < 9 << (exponent + 2))
 
 
 def _box_sum(plane):
@@ -575,11 +574,11 @@ def spatter(key, image, c):
     red; a grey image is spattered as grey RGB and converted back with ITU-R 601 luma."""
     mean, spread, sigma, threshold, strength, mud = c
     height, width = image.shape[:2]
-    layer = _blurred_layer(mean + spread * jax.random.normal(key, (height, width), jnp.float32), sigma)
+    layer = _skimage_gaussian(mean + spread * jax.random.normal(key, (height, width), jnp.float32), sigma)
     layer = jnp.where(layer < threshold, 0.0, layer)
     rgb = jnp.repeat(image, 3, -1) if image.shape[-1] == 1 else image
     if mud:
-        m = _blurred_layer((layer > threshold).astype(jnp.float32), strength)
+        m = _skimage_gaussian((layer > threshold).astype(jnp.float32), strength)
         m = jnp.where(m < 0.8, 0.0, m)[..., None]
         out = _clip(rgb * (1 - m) + jnp.asarray(_MUD, jnp.float32) * m)
     else:
@@ -590,8 +589,7 @@ def spatter(key, image, c):
         embossed = jnp.clip(embossed, 0, 255)
         distance = (2 * _box_sum(embossed) + 9) // 18  # cv2.blur on 8 bits: rounded to the nearest
         m = (liquid * distance).astype(jnp.float32)
-        peak = jnp.max(m)
-        m = jnp.where(peak > 0, m / jnp.where(peak > 0, peak, 1.0), 0.0) * jnp.float32(strength)
+        m = m / jnp.maximum(jnp.max(m), 1.0) * jnp.float32(strength)  # a whole number: 0 (all zero) or >= 1
         out = _clip(rgb + m[..., None] * jnp.asarray(_WATER, jnp.float32))
     return out if image.shape[-1] == 3 else jnp.sum(out * jnp.asarray(LUMA, image.dtype), -1, keepdims=True)
 

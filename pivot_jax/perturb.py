@@ -21,8 +21,7 @@ from pivot_jax import conditions, corruptions
 
 METHODS = conditions.METHODS
 # Training perturbations: Gaussian noise, LR, MR, one common corruption (severity drawn per image), or
-# `corruptions`, a corruption and a severity drawn per image from the whole suite.
-# "extras": per image, one of the published extra corruptions (conditions.EXTRAS) at a severity from 1-5.
+# "extras", per image one of the published extra corruptions (conditions.EXTRAS) at a severity from 1-5.
 KINDS = ("noise", "lr", "mr", *conditions.CORRUPTIONS, "extras")
 
 

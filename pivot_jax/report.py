@@ -333,8 +333,9 @@ def parse_family(spec: str) -> tuple[str, list[tuple[str, str, list[str]]]]:
 def load_row(row: str) -> list[dict]:
     """The runs `<row>_seed<N>`, in seed order; a ConfigError names the row when there are none."""
     path = epath.Path(row)
-    found = sorted(path.parent.glob(f"{path.name}_seed*"), key=lambda p: int(p.name.rpartition("_seed")[2] or -1))
-    runs = [load_run(p) for p in found if p.name.rpartition("_seed")[2].isdigit()]
+    seeds = {p: p.name.rpartition("_seed")[2] for p in path.parent.glob(f"{path.name}_seed*")}
+    # a run's log (ROW_seed0.log) may lie beside it: only ROW_seed<digits> is a run
+    runs = [load_run(p) for p in sorted((p for p, seed in seeds.items() if seed.isdigit()), key=lambda p: int(seeds[p]))]
     if not runs:
         raise ConfigError(f"--family: no runs {row}_seed<N> (a row names run directories without their _seed<N>)")
     return runs

@@ -394,6 +394,8 @@ def test_claims_family_errors(tmp_path):
     with pytest.raises(ConfigError, match=f"no runs {tmp_path}/nothing_seed<N>"):
         report.claims_table([f"A: {tmp_path}/nothing vs {tmp_path}/nothing @ clean"])
     claims_rows(tmp_path, {"mixed": {"clean": [0.9, 0.9]}, "pivot": {"clean": [0.9, 0.91]}})
+    (tmp_path / "pivot_seed0.log").write_text("a run's log beside it is not a run\n")
+    assert "| 2: 0, 1 |" in report.claims_table([f"A: {tmp_path}/pivot vs {tmp_path}/mixed @ clean"])
     (tmp_path / "notes.md").write_text("# Results\n\nbefore\n")
     family = f"A: {tmp_path}/pivot vs {tmp_path}/mixed @ clean"
     with pytest.raises(ConfigError, match="no line '<!-- claims table: begin -->'"):
