@@ -7,6 +7,8 @@ $PIVOT_JAX_SHARED_DATA), never from the network. Where they are missing the real
 skipped with the reason, except under CI, where they fail.
 """
 
+import contextlib
+import fcntl
 import os
 import pathlib
 import shutil
@@ -139,22 +141,40 @@ def synthetic_config(synthetic_folder):
     return synthetic_config_maker(synthetic_folder)
 
 
+@contextlib.contextmanager
+def made_once(tmp_path_factory, name):
+    """(folder, done): a folder shared by the session's xdist workers, and whether another worker has
+    already made it. The first worker makes it while the others wait on the lock, then they reuse it."""
+    worker_temp = tmp_path_factory.getbasetemp()
+    shared = worker_temp.parent if os.environ.get("PYTEST_XDIST_WORKER") else worker_temp
+    folder, marker = shared / name, shared / f"{name}.done"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = marker.exists()
+        if not done:
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that failed halfway
+            folder.mkdir()
+        yield folder, done
+        marker.touch()
+
+
 @pytest.fixture(scope="session")
 def mnist_data_dir(tmp_path_factory):
     """A TFDS data dir with `mnist` prepared (array_record) from the original files, offline."""
     for name in MNIST_FILES:
         _require(SHARED_DATA / "mnist" / name)
-    data_dir = tmp_path_factory.mktemp("tfds")
-    manual = data_dir / "downloads" / "manual"
-    manual.mkdir(parents=True)
-    for name in MNIST_FILES:
-        shutil.copy(SHARED_DATA / "mnist" / name, manual / name)
-    from pivot_jax import config_lib, data
+    with made_once(tmp_path_factory, "tfds") as (data_dir, done):
+        if not done:
+            manual = data_dir / "downloads" / "manual"
+            manual.mkdir(parents=True)
+            for name in MNIST_FILES:
+                shutil.copy(SHARED_DATA / "mnist" / name, manual / name)
+            from pivot_jax import config_lib, data
 
-    config = config_lib.load_config(str(CONFIGS / "mnist.py"))
-    config.data.data_dir = str(data_dir)
-    config.data.download = False
-    data.open_split(config.data, "test")  # prepares the data set
+            config = config_lib.load_config(str(CONFIGS / "mnist.py"))
+            config.data.data_dir = str(data_dir)
+            config.data.download = False
+            data.open_split(config.data, "test")  # prepares the data set
     return str(data_dir)
 
 
@@ -163,9 +183,10 @@ def cifar_folder(tmp_path_factory):
     """The CIFAR-10 JPEG copy unpacked as <root>/<split>/<class>/*.jpg."""
     archive = SHARED_DATA / CIFAR_ARCHIVE
     _require(archive)
-    root = tmp_path_factory.mktemp("cifar10")
-    with tarfile.open(archive) as tar:
-        tar.extractall(root, filter="data")
+    with made_once(tmp_path_factory, "cifar10") as (root, done):
+        if not done:
+            with tarfile.open(archive) as tar:
+                tar.extractall(root, filter="data")
     return str(root)
 
 

@@ -13,15 +13,21 @@ from PIL import Image
 
 from pivot_jax import conditions, config_lib, corruptions, perturb
 
-RNG = np.random.default_rng(0)
 
 
-def smooth_images(count, size=32, channels=3):
+def rng_for(*args):
+    """A generator seeded by the call's own arguments, so what a test draws does not depend on which
+    tests ran before it in the same process (xdist splits and -k selections stay reproducible)."""
+    return np.random.default_rng(args)
+
+
+def smooth_images(count, size=32, channels=3, seed=0):
     """Natural-looking test images: upsampled random colour fields with a little pixel noise (not
     JPEG-decoded, see test_jpeg_on_images_that_were_jpeg_compressed_before)."""
-    small = RNG.uniform(0, 255, (count, 8, 8, 3)).astype(np.uint8)
+    rng = rng_for(seed, count, size, channels)
+    small = rng.uniform(0, 255, (count, 8, 8, 3)).astype(np.uint8)
     images = np.stack([np.asarray(Image.fromarray(s).resize((size, size), Image.BICUBIC)) for s in small]).astype(int)
-    images = np.clip(images + RNG.integers(-3, 4, images.shape), 0, 255).astype(np.uint8)
+    images = np.clip(images + rng.integers(-3, 4, images.shape), 0, 255).astype(np.uint8)
     return images if channels == 3 else images[..., :1]
 
 
@@ -103,7 +109,8 @@ def _pil_jpeg(images, quality):
 def test_jpeg_is_pils_encoder_and_decoder_bit_for_bit(quality, channels):
     """libjpeg's integer DCT, quantisation, colour conversion and chroma sampling: every pixel equal,
     on smooth images, on noise (every coefficient busy) and at sizes that leave partial blocks."""
-    images = [*smooth_images(8, channels=channels), *RNG.integers(0, 256, (4, 32, 32, channels), dtype=np.uint8)]
+    noise = rng_for(quality, channels).integers(0, 256, (4, 32, 32, channels), dtype=np.uint8)
+    images = [*smooth_images(8, channels=channels), *noise]
     levels = lambda x: np.round(x * 255).astype(int)  # noqa: E731
     np.testing.assert_array_equal(levels(ours("jpeg_compression", quality, np.stack(images))),
                                   levels(_pil_jpeg(np.stack(images), quality)))
@@ -763,7 +770,8 @@ def write_photos(folder, sizes, make):
         name = (*corruptions.FROST_FILES, "frost6.jpg")[index]
         rgb = make(index, height, width)
         if name.endswith(".png") or make.lossless:
-            rgba = np.concatenate([rgb, RNG.integers(0, 256, (height, width, 1), dtype=np.uint8)], -1)
+            alpha = rng_for(1, index, height, width).integers(0, 256, (height, width, 1), dtype=np.uint8)
+            rgba = np.concatenate([rgb, alpha], -1)
             Image.fromarray(rgba, "RGBA").save(folder / name, format="PNG")
         else:
             Image.fromarray(rgb).save(folder / name, format="JPEG", quality=90)
@@ -771,7 +779,8 @@ def write_photos(folder, sizes, make):
 
 
 def _random_photo(index, height, width):
-    return np.asarray(Image.fromarray(RNG.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)).resize(
+    small = rng_for(index, height, width).integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize(
         (width, height), Image.BICUBIC))
 
 

@@ -38,9 +38,7 @@ def logged_scalars(workdir, tag):
 
 def test_smoke_trains_end_to_end(mnist_config, tmp_path):
     config = mnist_config("mode=pivot,perturb=noise,smoke")
-    start = time.time()
     accuracy = train.train_and_evaluate(config, str(tmp_path)).accuracy
-    assert time.time() - start < 60
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["step"] == config.num_train_steps
     assert set(results["accuracy"]) == set(config.evals) == set(accuracy)

@@ -1,9 +1,11 @@
-"""A trained run: its accuracy, evaluation from its workdir alone, classifying image files, and the
-export for edge devices. All use one 300-step MNIST run (`mnist_trained_run`)."""
+"""A trained model: evaluation from its workdir alone, classifying image files, the export for edge
+devices and publishing. They use the committed MNIST model (`mnist_trained_run`), restored as a user
+restores it, and a smoke run where a whole training state is needed."""
 
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -19,22 +21,34 @@ from pivot_jax import checkpoint, config_lib, data, evaluate, export, models, pr
 from pivot_jax.errors import CheckpointError, ConfigError, DataError
 
 
-TRAINED_STEPS = 300
+# A published run (final weights and batch statistics, no optimizer state) of the paper's MNIST noise
+# setting: 9,000 steps, 99% clean accuracy.
+PUBLISHED_RUN = REPO / "docs" / "results" / "mnist_9000" / "noise_pivot_symmetric_lam2_5e-5_seed0"
+TRAINED_STEPS = 9000
 
 
 @pytest.fixture(scope="module")
 def mnist_trained_run(mnist_data_dir, tmp_path_factory):
-    """300 steps of the paper's MNIST pivot setting, with its schedule shape: a model that has learned,
-    for the tests that need one (accuracy, predict, export, evaluate from the workdir). Evaluated on
-    1,000 test images. Returns (workdir, config, RunResult)."""
+    """A copy of the published MNIST model whose saved config reads the prepared MNIST, evaluates on
+    1,000 test images and sweeps two conditions. Returns (workdir, config, published results)."""
+    workdir = tmp_path_factory.mktemp("mnist_trained") / PUBLISHED_RUN.name
+    shutil.copytree(PUBLISHED_RUN, workdir, ignore=shutil.ignore_patterns("eval"))
+    saved = json.loads((workdir / "config.json").read_text())
+    saved["data"].update(data_dir=mnist_data_dir, download=False, test_examples=1000)
+    saved["sweep_evals"] = ["noise_0.1", "lr2_nearest"]
+    (workdir / "config.json").write_text(json.dumps(saved, indent=2))
+    published = json.loads((PUBLISHED_RUN / "eval" / "results.json").read_text())
+    return str(workdir), workdirs.saved_config(workdir), published
+
+
+@pytest.fixture(scope="module")
+def smoke_run(mnist_data_dir, tmp_path_factory):
+    """A whole training state (optimizer included) of a seconds-long MNIST run, for `publish`."""
     from pivot_jax import train
 
-    config = config_lib.load_config(f"{CONFIGS / 'mnist.py'}:mode=pivot,perturb=noise")
-    config.data.data_dir, config.data.download = mnist_data_dir, False
-    config.num_train_steps = config.eval_every_steps = config.checkpoint_every_steps = TRAINED_STEPS
-    config.data.test_examples = 1000
-    config.sweep_evals = ("noise_0.1", "lr2_nearest")
-    workdir = tmp_path_factory.mktemp("mnist_trained")
+    config = config_lib.load_config(f"{CONFIGS / 'mnist.py'}:mode=pivot,perturb=noise,smoke")
+    config.data.data_dir, config.data.download, config.sweep_evals = mnist_data_dir, False, ()
+    workdir = tmp_path_factory.mktemp("mnist_smoke")
     return str(workdir), config, train.train_and_evaluate(config, str(workdir))
 
 
@@ -59,17 +73,8 @@ def test_images(mnist_trained_run):
     return split.source.images[:256], split.source.labels[:256]
 
 
-@pytest.mark.slow
-def test_short_pivot_run_is_accurate_and_robust(mnist_trained_run):
-    """300 steps of the paper's MNIST pivot setting, with its schedule shape (conftest)."""
-    _, _, result = mnist_trained_run
-    assert result.finished and result.step == TRAINED_STEPS
-    assert result.accuracy["clean"] >= 0.97, result.accuracy
-    assert result.accuracy["noise_0.15"] >= 0.90, result.accuracy
-
-
 def test_evaluate_from_the_workdir_alone_reproduces_the_config(mnist_trained_run):
-    workdir, config, _ = mnist_trained_run
+    workdir, config, published = mnist_trained_run
     with_config = evaluate.evaluate_checkpoint(config, workdir)
     from_workdir = run_module("evaluate", f"--workdir={workdir}")
     assert from_workdir.returncode == 0, from_workdir.stderr[-3000:]
@@ -77,6 +82,8 @@ def test_evaluate_from_the_workdir_alone_reproduces_the_config(mnist_trained_run
     assert saved["step"] == with_config["step"] == TRAINED_STEPS
     assert saved["accuracy"] == pytest.approx(with_config["accuracy"], abs=1e-9)
     assert set(saved["accuracy"]) == set(config.evals) | {"noise_0.1", "lr2_nearest"}
+    # On the first 1,000 test images, within 1.5 points of what it published on all 10,000.
+    assert abs(saved["accuracy"]["clean"] - published["accuracy"]["clean"]) < 0.015, saved["accuracy"]
     # Overrides still apply to the saved config.
     overridden = run_module("evaluate", f"--workdir={workdir}", "--config.evals=('lr4_nearest',)",
                             "--config.sweep_evals=()", "--config.data.test_examples=100")
@@ -85,8 +92,8 @@ def test_evaluate_from_the_workdir_alone_reproduces_the_config(mnist_trained_run
     assert set(saved["accuracy"]) == {"lr4_nearest"} and saved["num_examples"] == {"lr4_nearest": 100}
 
 
-def test_saved_config_keeps_types_and_stays_overridable(mnist_trained_run):
-    workdir, config, _ = mnist_trained_run
+def test_saved_config_keeps_types_and_stays_overridable(smoke_run):
+    workdir, config, _ = smoke_run
     saved = workdirs.saved_config(workdir)
     assert saved.to_dict() == config.to_dict()
     assert isinstance(saved.evals, tuple) and isinstance(saved.optim.lr_boundaries, tuple)
@@ -160,7 +167,7 @@ def test_predict_applies_the_named_perturbation(mnist_trained_run, test_images):
     np.testing.assert_allclose(probabilities, np.asarray(jax.nn.softmax(expected)), atol=2e-5)
 
 
-def test_predict_output_formats(mnist_trained_run, tmp_path):
+def test_predict_output_formats():
     image = predict.PreparedImage("a.png", np.zeros((28, 28, 1), np.uint8), ["resized from 1x1 to 28x28 (bilinear)"])
     probabilities = np.array([[0.1, 0.7, 0.2]])
     ranked = predict.rankings(probabilities, ("cat", "dog", "owl"), 2)
@@ -341,14 +348,14 @@ def test_an_export_killed_midway_is_cleaned_up_and_loses_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
-def test_jpeg_on_the_device_gives_the_accuracy_of_pils_jpeg(mnist_trained_run, test_images):
-    """The trained model on the test images JPEG-compressed by Pillow and by pivot_jax.corruptions."""
+def test_jpeg_on_the_device_is_pils_jpeg_on_real_digits(test_images):
+    """The test images JPEG-compressed by Pillow and by pivot_jax.corruptions: the same pixels, so the
+    model's accuracy under JPEG is Pillow's (test_corruptions checks this on synthetic images)."""
     import io
 
     from pivot_jax import corruptions
 
-    workdir, config, _ = mnist_trained_run
-    images, labels = test_images
+    images, _ = test_images
     for quality in (25, 10, 7):
         encoded = []
         for image in images:
@@ -358,29 +365,27 @@ def test_jpeg_on_the_device_gives_the_accuracy_of_pils_jpeg(mnist_trained_run, t
         on_device = jax.vmap(lambda x: corruptions.jpeg_compression(None, x, quality))(
             jnp.asarray(images / 255.0, jnp.float32))
         ours = np.round(np.asarray(on_device) * 255).astype(np.uint8)
-        accuracy_pil = np.mean(np.argmax(direct_logits(workdir, config, np.stack(encoded)), -1) == labels)
-        accuracy_ours = np.mean(np.argmax(direct_logits(workdir, config, ours), -1) == labels)
-        assert abs(accuracy_pil - accuracy_ours) <= 0.005, (quality, accuracy_pil, accuracy_ours)
+        np.testing.assert_array_equal(ours, np.stack(encoded), err_msg=f"quality {quality}")
 
 
-def test_a_published_model_evaluates_and_predicts_as_the_run(mnist_trained_run, test_images, tmp_path):
+def test_a_published_model_evaluates_and_predicts_as_the_run(smoke_run, test_images, tmp_path):
     """`pivot_jax.publish`: the model alone (no optimizer state), restored by evaluate and predict as they
     restore the run, with the run's accuracy; an existing published model is never overwritten."""
-    workdir, config, result = mnist_trained_run
+    workdir, config, result = smoke_run
     out = tmp_path / "published"
     published = run_module("publish", f"--workdir={workdir}", f"--out={out}")
     assert published.returncode == 0, published.stderr[-3000:]
-    assert f"published the model of step {TRAINED_STEPS} of {workdir} in {out}" in published.stdout
+    assert f"published the model of step {result.step} of {workdir} in {out}" in published.stdout
     _, state = checkpoint.saved_state(out)
     assert set(state) == set(checkpoint.MODEL_FIELDS)  # no opt_state, no step
     _, whole = checkpoint.saved_state(workdir)
     jax.tree.map(np.testing.assert_array_equal, state["params"], whole["params"])
     size = sum(p.stat().st_size for p in (out / "checkpoints").rglob("*") if p.is_file())
-    assert size < 0.6 * sum(p.stat().st_size for p in (pathlib.Path(workdir) / "checkpoints" / str(TRAINED_STEPS))
+    assert size < 0.6 * sum(p.stat().st_size for p in (pathlib.Path(workdir) / "checkpoints" / str(result.step))
                             .rglob("*") if p.is_file())
     evaluated = run_module("evaluate", f"--workdir={out}", "--config.sweep_evals=()")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    assert json.loads((out / "eval" / "results.json").read_text())["accuracy"]["clean"] == result.accuracy["clean"]
+    assert json.loads((out / "eval" / "results.json").read_text())["accuracy"] == result.accuracy
     # predict on the published folder gives the classes of the run's own logits.
     images, _ = test_images
     paths = []
