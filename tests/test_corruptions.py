@@ -14,17 +14,16 @@ from PIL import Image
 from pivot_jax import conditions, config_lib, corruptions, perturb
 
 
-
 def rng_for(*args):
     """A generator seeded by the call's own arguments, so what a test draws does not depend on which
     tests ran before it in the same process (xdist splits and -k selections stay reproducible)."""
     return np.random.default_rng(args)
 
 
-def smooth_images(count, size=32, channels=3, seed=0):
+def smooth_images(count, size=32, channels=3):
     """Natural-looking test images: upsampled random colour fields with a little pixel noise (not
     JPEG-decoded, see test_jpeg_on_images_that_were_jpeg_compressed_before)."""
-    rng = rng_for(seed, count, size, channels)
+    rng = rng_for(count, size, channels)
     small = rng.uniform(0, 255, (count, 8, 8, 3)).astype(np.uint8)
     images = np.stack([np.asarray(Image.fromarray(s).resize((size, size), Image.BICUBIC)) for s in small]).astype(int)
     images = np.clip(images + rng.integers(-3, 4, images.shape), 0, 255).astype(np.uint8)
@@ -780,8 +779,7 @@ def write_photos(folder, sizes, make):
 
 def _random_photo(index, height, width):
     small = rng_for(index, height, width).integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(small).resize(
-        (width, height), Image.BICUBIC))
+    return np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC))
 
 
 _random_photo.lossless = False
